@@ -1,0 +1,152 @@
+// Package snapshot is the model of snapfs: volumes, their snapshot chains,
+// clones and instances, over a backend that stores them (the local store of
+// qcow2 chains, Ceph RBD) and an instance provider (the local store's own
+// instance groups, libvirt).
+//
+// The FUSE layer (package fs) only adapts this model to files; everything
+// here can be tested without a kernel.
+//
+// # Errors
+//
+// Backends return errors wrapping the sentinels below (ErrNotFound,
+// ErrExists, ErrBusy, ErrInvalidName, ErrReadOnly, ...) so that package fs
+// maps them to errnos in one place.
+package snapshot
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"snapfs/qcow"
+)
+
+// Sentinel errors of the model. Backends wrap them with details.
+var (
+	ErrNotFound    = errors.New("snapshot: not found")
+	ErrExists      = errors.New("snapshot: already exists")
+	ErrBusy        = errors.New("snapshot: in use")
+	ErrInvalidName = errors.New("snapshot: invalid name")
+	ErrReadOnly    = errors.New("snapshot: read-only")
+	ErrUnsupported = errors.New("snapshot: not supported by this backend")
+	ErrInvalid     = errors.New("snapshot: invalid argument")
+)
+
+// Consistency says how consistent a snapshot is.
+type Consistency string
+
+// The consistency levels, weakest last.
+const (
+	// Quiesced: the guest agent froze the filesystems.
+	Quiesced Consistency = "quiesced"
+	// CrashConsistent: every disk was taken at one instant (paused, or an
+	// atomic group snapshot), as after a power cut.
+	CrashConsistent Consistency = "crash-consistent"
+	// None: no guarantee across disks or against in-flight writes.
+	None Consistency = "none"
+)
+
+// SnapshotRef names one snapshot of one volume.
+type SnapshotRef struct {
+	Volume   string `json:"volume"`
+	Snapshot string `json:"snapshot"`
+}
+
+// Volume describes a volume.
+type Volume struct {
+	Name    string    `json:"name"`
+	Size    int64     `json:"size"`
+	Created time.Time `json:"created"`
+	// Parent is the snapshot this volume was cloned from, if any.
+	Parent *SnapshotRef `json:"parent,omitempty"`
+	// HeadPath is where a VM can run off the volume's writable head
+	// (local store: the head qcow2 file).
+	HeadPath string `json:"head_path,omitempty"`
+	// BytesUsed is the space the volume's own layers take.
+	BytesUsed int64             `json:"bytes_used"`
+	Metadata  map[string]string `json:"metadata,omitempty"`
+}
+
+// Snapshot describes one immutable snapshot.
+type Snapshot struct {
+	Volume  string    `json:"volume"`
+	Name    string    `json:"name"`
+	Created time.Time `json:"created"`
+	Size    int64     `json:"size"`
+	// Parent is the previous snapshot of the same volume ("" for the first).
+	Parent      string            `json:"parent,omitempty"`
+	Consistency Consistency       `json:"consistency"`
+	Metadata    map[string]string `json:"metadata,omitempty"`
+}
+
+// SnapshotOptions go with a new snapshot.
+type SnapshotOptions struct {
+	Consistency Consistency
+	Metadata    map[string]string
+}
+
+// Backend is a set of volumes with snapshot chains. Snapshots are immutable;
+// a volume may have a parent snapshot in another volume (a clone); the
+// backend can say which extents changed between two snapshots.
+//
+// Mutations of one volume are serialised by the backend; reads run in
+// parallel with each other and with mutations, and an image opened before a
+// mutation keeps reading what it read before.
+type Backend interface {
+	// Name identifies the backend in messages ("local", "rbd:pool").
+	Name() string
+
+	ListVolumes(ctx context.Context) ([]Volume, error)
+	Volume(ctx context.Context, name string) (Volume, error)
+	CreateVolume(ctx context.Context, name string, size int64) (Volume, error)
+	// ImportVolume creates volume name from an image, which is untrusted:
+	// it has been opened with qcow.Options.Untrusted and no backing files.
+	// The volume appears atomically, or not at all.
+	ImportVolume(ctx context.Context, name string, src qcow.Image, meta map[string]string) (Volume, error)
+	DeleteVolume(ctx context.Context, name string) error
+
+	// ListSnapshots returns the snapshots of a volume, oldest first.
+	ListSnapshots(ctx context.Context, volume string) ([]Snapshot, error)
+	Snapshot(ctx context.Context, volume, name string) (Snapshot, error)
+	// CreateSnapshots snapshots several volumes at one point: no volume
+	// is written between the first and the last. name is the snapshot
+	// name on every volume.
+	CreateSnapshots(ctx context.Context, volumes []string, name string, opts SnapshotOptions) ([]Snapshot, error)
+	// DeleteSnapshot removes a snapshot, first moving data that later
+	// snapshots or the head still need. ErrBusy while something depends
+	// on it.
+	DeleteSnapshot(ctx context.Context, volume, name string) error
+
+	// OpenSnapshot returns the flattened, immutable image of a snapshot.
+	OpenSnapshot(ctx context.Context, volume, name string) (qcow.Image, error)
+	// OpenHead returns the flattened live head (it may change as it is read).
+	OpenHead(ctx context.Context, volume string) (qcow.Image, error)
+	// Changed returns the extents of snapshot to that differ from snapshot
+	// from (same volume chain), as they read in to (Data or Zero).
+	Changed(ctx context.Context, volume, from, to string) ([]qcow.Extent, error)
+}
+
+// Disk is one disk of an instance.
+type Disk struct {
+	// Device is the guest device name (vda, vdb, ...).
+	Device string `json:"device"`
+	// Volume is the volume behind it.
+	Volume string `json:"volume"`
+}
+
+// Instance is a named group of disks, a virtual machine.
+type Instance struct {
+	Name  string `json:"name"`
+	Disks []Disk `json:"disks"`
+	// Running instances are frozen for a quiesced snapshot.
+	Running bool `json:"running"`
+}
+
+// InstanceProvider lists instances and their disks, and can quiesce a guest.
+type InstanceProvider interface {
+	ListInstances(ctx context.Context) ([]Instance, error)
+	Instance(ctx context.Context, name string) (Instance, error)
+	// Freeze quiesces the guest filesystems and returns the function that
+	// thaws them. ErrUnsupported when the instance has no guest agent.
+	Freeze(ctx context.Context, name string) (thaw func(context.Context) error, err error)
+}
