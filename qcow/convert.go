@@ -231,4 +231,3 @@ func allZero(b []byte) bool {
 	}
 	return true
 }
-

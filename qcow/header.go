@@ -108,15 +108,15 @@ type header struct {
 	dataFile      string
 }
 
-func (h *header) clusterSize() int64  { return 1 << h.clusterBits }
-func (h *header) extendedL2() bool    { return h.incompatible&incompatExtendedL2 != 0 }
+func (h *header) clusterSize() int64 { return 1 << h.clusterBits }
+func (h *header) extendedL2() bool   { return h.incompatible&incompatExtendedL2 != 0 }
 func (h *header) l2EntryBytes() int64 {
 	if h.extendedL2() {
 		return 16
 	}
 	return 8
 }
-func (h *header) l2Entries() int64    { return h.clusterSize() / h.l2EntryBytes() }
+func (h *header) l2Entries() int64 { return h.clusterSize() / h.l2EntryBytes() }
 
 // corruptf returns an error wrapping ErrCorrupt.
 func corruptf(format string, args ...any) error {

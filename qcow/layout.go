@@ -37,12 +37,12 @@ type layout struct {
 	l1Entries    int64
 	// First host cluster of each region, and the total.
 	l2Start, l1Start, refBlockStart, refTableStart, total int64
-	l1Clusters, refBlocks, refTableClusters           int64
-	header                                             []byte // cluster 0
+	l1Clusters, refBlocks, refTableClusters               int64
+	header                                                []byte // cluster 0
 }
 
-func (lo *layout) cs() int64          { return 1 << lo.clusterBits }
-func (lo *layout) l2PerTable() int64  { return lo.cs() / 8 }
+func (lo *layout) cs() int64           { return 1 << lo.clusterBits }
+func (lo *layout) l2PerTable() int64   { return lo.cs() / 8 }
 func (lo *layout) refsPerBlock() int64 { return lo.cs() * 8 >> writeRefcountOrder }
 
 // newLayout places the metadata after dataClusters data clusters.
