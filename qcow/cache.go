@@ -26,12 +26,13 @@ type Cache struct {
 type cacheKey struct {
 	layer  uint64
 	offset int64
-	kind   uint8 // cacheL2 or cacheCluster
+	kind   uint8 // cacheL2, cacheCluster or cacheRefblock
 }
 
 const (
 	cacheL2 uint8 = iota
 	cacheCluster
+	cacheRefblock
 )
 
 type cacheEntry struct {

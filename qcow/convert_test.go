@@ -58,3 +58,23 @@ func TestCompressedEntryRoundTrip(t *testing.T) {
 		}
 	}
 }
+
+// TestRefcountAt decodes every refcount width as QEMU packs it.
+func TestRefcountAt(t *testing.T) {
+	block := []byte{0b10_01_11_00, 0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0}
+	cases := []struct {
+		bits uint
+		i    int64
+		want uint64
+	}{
+		{1, 0, 0}, {1, 2, 1}, {1, 7, 1}, {1, 6, 0},
+		{2, 0, 0}, {2, 1, 3}, {2, 2, 1}, {2, 3, 2},
+		{4, 0, 0xc}, {4, 1, 0x9}, {4, 2, 0x2}, {4, 3, 0x1},
+		{8, 1, 0x12}, {16, 1, 0x3456}, {32, 1, 0x789abcde}, {64, 0, 0x9c123456789abcde},
+	}
+	for _, c := range cases {
+		if got := refcountAt(block, c.i, c.bits); got != c.want {
+			t.Errorf("width %d entry %d: got %#x, want %#x", c.bits, c.i, got, c.want)
+		}
+	}
+}

@@ -1,0 +1,168 @@
+package qcow
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"sync"
+)
+
+// refcounts reads the refcount structure of a qcow2 layer: a table of
+// refcount block offsets, and blocks of 1- to 64-bit counts. Reading data
+// never needs it; Verify does.
+type refcounts struct {
+	l *qcowLayer
+
+	once  sync.Once
+	table []uint64 // refcount block offsets
+	err   error
+}
+
+// load reads the refcount table, bounded by the header checks.
+func (r *refcounts) load() error {
+	r.once.Do(func() {
+		h := r.l.h
+		raw := make([]byte, int64(h.refTableClusters)*h.clusterSize())
+		if err := readFull(r.l.f, raw, int64(h.refTableOffset)); err != nil {
+			r.err = fmt.Errorf("qcow: reading refcount table: %w", err)
+			return
+		}
+		r.table = make([]uint64, len(raw)/8)
+		for i := range r.table {
+			off := binary.BigEndian.Uint64(raw[i*8:])
+			if off&0x1ff != 0 {
+				r.err = corruptf("refcount table entry %d has reserved bits set (%#x)", i, off)
+				return
+			}
+			if off%uint64(h.clusterSize()) != 0 {
+				r.err = corruptf("refcount block offset %#x is not aligned to a cluster", off)
+				return
+			}
+			r.table[i] = off
+		}
+	})
+	return r.err
+}
+
+// get returns the refcount of the host cluster at index.
+func (r *refcounts) get(index int64) (uint64, error) {
+	if err := r.load(); err != nil {
+		return 0, err
+	}
+	h := r.l.h
+	bits := int64(1) << h.refcountOrder
+	perBlock := h.clusterSize() * 8 / bits
+	t := index / perBlock
+	if index < 0 || t >= int64(len(r.table)) || r.table[t] == 0 {
+		return 0, nil
+	}
+	blockOff := int64(r.table[t])
+	key := cacheKey{layer: r.l.id, offset: blockOff, kind: cacheRefblock}
+	block := r.l.cache.get(key)
+	if block == nil {
+		if blockOff > r.l.f.Size()-h.clusterSize() {
+			return 0, corruptf("refcount block at %#x is past the end of the file", blockOff)
+		}
+		block = make([]byte, h.clusterSize())
+		if err := readFull(r.l.f, block, blockOff); err != nil {
+			return 0, fmt.Errorf("qcow: reading refcount block: %w", err)
+		}
+		r.l.cache.put(key, block)
+	}
+	return refcountAt(block, index%perBlock, uint(bits)), nil
+}
+
+// refcountAt decodes entry i of a refcount block with entries of the given
+// width, as QEMU packs them: sub-byte widths from the low bits of each byte
+// up, wider ones big-endian.
+func refcountAt(block []byte, i int64, bits uint) uint64 {
+	be := binary.BigEndian
+	switch bits {
+	case 1, 2, 4:
+		perByte := 8 / int64(bits)
+		return uint64(block[i/perByte]>>(uint(i%perByte)*bits)) & (1<<bits - 1)
+	case 8:
+		return uint64(block[i])
+	case 16:
+		return uint64(be.Uint16(block[i*2:]))
+	case 32:
+		return uint64(be.Uint32(block[i*4:]))
+	case 64:
+		return be.Uint64(block[i*8:])
+	}
+	panic(fmt.Sprintf("BUG: refcount width %d", bits))
+}
+
+// Verify checks the top layer's metadata the way qemu-img check would refuse
+// it: every L2 table and every data cluster must lie inside the file, be
+// aligned, and be counted in the refcounts. It reads all L2 tables and
+// refcount blocks, but no data. It returns an error wrapping ErrCorrupt.
+func (c *Chain) Verify(ctx context.Context) error {
+	l, ok := c.layers[0].(*qcowLayer)
+	if !ok {
+		return nil // raw: nothing to check
+	}
+	h := l.h
+	cs := h.clusterSize()
+	rc := &refcounts{l: l}
+	counted := func(what string, off int64) error {
+		if off < 0 || off > l.f.Size()-1 {
+			return corruptf("%s at %#x is past the end of the file", what, off)
+		}
+		n, err := rc.get(off / cs)
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			return corruptf("%s at %#x has refcount 0", what, off)
+		}
+		return nil
+	}
+	for _, m := range []struct {
+		what string
+		off  uint64
+	}{{"header", 0}, {"L1 table", h.l1Offset}, {"refcount table", h.refTableOffset}} {
+		if err := counted(m.what, int64(m.off)); err != nil {
+			return err
+		}
+	}
+	entryBytes := h.l2EntryBytes()
+	for i, e := range l.l1 {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		l2Off := e.l2Offset()
+		if l2Off == 0 {
+			continue
+		}
+		if err := counted(fmt.Sprintf("L2 table %d", i), l2Off); err != nil {
+			return err
+		}
+		table, err := l.l2Table(l2Off)
+		if err != nil {
+			return err
+		}
+		for j := int64(0); j < h.l2Entries(); j++ {
+			entry := l2Entry(binary.BigEndian.Uint64(table[j*entryBytes:]))
+			var host int64
+			switch {
+			case entry.compressed():
+				host, _ = entry.compressedRange(h.clusterBits)
+			case l.data != l.f:
+				continue // data lives in another file
+			default:
+				host = entry.hostOffset()
+				if host%cs != 0 {
+					return corruptf("L2 entry %d of table %d has an unaligned offset %#x", j, i, host)
+				}
+			}
+			if host == 0 {
+				continue
+			}
+			if err := counted("data cluster", host); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
