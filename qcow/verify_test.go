@@ -1,17 +1,16 @@
 package qcow_test
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
-	"os"
-
-	"context"
 	"fmt"
+	"os"
 	"path/filepath"
-	"snapfs/qcow"
 	"testing"
 
 	"snapfs/internal/qemutest"
+	"snapfs/qcow"
 )
 
 // TestVerifyRefcountWidths: images of every refcount width verify clean.
