@@ -71,14 +71,17 @@ func Open(f File, opts Options) (c *Chain, err error) {
 	if maxDepth <= 0 {
 		maxDepth = DefaultMaxDepth
 	}
-	c = &Chain{}
+	// chain, not the named result c: "return nil, err" sets c to nil
+	// before this deferred cleanup runs.
+	chain := &Chain{}
+	c = chain
 	cur := f // the file being opened, not yet owned by a layer
 	defer func() {
 		if err != nil {
 			if cur != nil {
 				cur.Close()
 			}
-			c.closeLayers()
+			chain.closeLayers()
 			c = nil
 		}
 	}()

@@ -24,8 +24,16 @@ type Compressor func(c Compression, dst, src []byte, limit int) (out []byte, ok 
 // -12): data compressed with a larger window does not inflate in QEMU.
 const qemuDeflateWindow = 4096
 
+// maxZstdWindow bounds the window a zstd cluster may declare. The decoder
+// allocates the declared window before it decodes a byte, so without a bound
+// a 25-byte hostile cluster costs 512 MiB. QEMU compresses one cluster (at
+// most 2 MiB) with its size known, so its frames never declare more than
+// that; the bound leaves room for other encoders.
+const maxZstdWindow = 8 << 20
+
 var zstdDecoders = sync.Pool{New: func() any {
-	d, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
+	d, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true),
+		zstd.WithDecoderMaxWindow(maxZstdWindow))
 	if err != nil {
 		panic("BUG: zstd decoder options: " + err.Error())
 	}

@@ -229,10 +229,10 @@ func readHeader(r io.ReaderAt, fileSize int64) (*header, error) {
 	if h.nbSnapshots > maxSnapshots {
 		return nil, fmt.Errorf("%w: %d internal snapshots (QEMU allows %d)", ErrLimit, h.nbSnapshots, maxSnapshots)
 	}
+	if h.snapshotsOffset%uint64(cs) != 0 {
+		return nil, corruptf("snapshot table offset %#x is not aligned to a cluster", h.snapshotsOffset)
+	}
 	if h.nbSnapshots > 0 {
-		if h.snapshotsOffset%uint64(cs) != 0 {
-			return nil, corruptf("snapshot table offset %#x is not aligned to a cluster", h.snapshotsOffset)
-		}
 		if h.snapshotsOffset >= uint64(fileSize) {
 			return nil, corruptf("snapshot table offset %#x is past the end of the file", h.snapshotsOffset)
 		}
@@ -257,11 +257,13 @@ func checkTable(what string, off, count, entrySize, maxBytes uint64, cs, fileSiz
 	if count > maxBytes/entrySize {
 		return fmt.Errorf("%w: %s of %d entries is larger than QEMU allows (%d bytes)", ErrLimit, what, count, maxBytes)
 	}
-	if count == 0 {
-		return nil
-	}
+	// QEMU (qcow2_validate_table) checks the alignment even of an empty
+	// table: so do we, so that we refuse no less than it does.
 	if off%uint64(cs) != 0 {
 		return corruptf("%s offset %#x is not aligned to a cluster", what, off)
+	}
+	if count == 0 {
+		return nil
 	}
 	if off > uint64(fileSize) || count*entrySize > uint64(fileSize)-off {
 		return corruptf("%s at %#x (%d bytes) runs past the end of the file (%d bytes)", what, off, count*entrySize, fileSize)
@@ -271,22 +273,27 @@ func checkTable(what string, off, count, entrySize, maxBytes uint64, cs, fileSiz
 
 // readExtensions parses the header extensions that follow the header, up to
 // the end of the first cluster.
+//
+// It walks them as QEMU's qcow2_read_extensions does: up to the backing
+// file name or the end of the first cluster, an extension header that does
+// not fit is an error, and bytes past the end of the file read as zeros (the
+// end marker).
 func (h *header) readExtensions(r io.ReaderAt, _ []byte, fileSize int64) error {
+	if h.backingOffset > uint64(h.clusterSize()) {
+		return corruptf("backing file name at %#x is outside the first cluster", h.backingOffset)
+	}
 	if h.backingOffset != 0 && h.backingOffset < uint64(h.headerLength) {
 		return corruptf("backing file name at %#x overlaps the header", h.backingOffset)
 	}
 	end := h.clusterSize()
-	if h.backingOffset != 0 && int64(h.backingOffset) < end {
+	if h.backingOffset != 0 {
 		end = int64(h.backingOffset)
-	}
-	if end > fileSize {
-		end = fileSize
 	}
 	off := int64(h.headerLength)
 	be := binary.BigEndian
-	for off+8 <= end {
+	for off < end {
 		var hdr [8]byte
-		if _, err := r.ReadAt(hdr[:], off); err != nil {
+		if err := readFull(r, hdr[:], off); err != nil {
 			return fmt.Errorf("qcow: reading header extension at %#x: %w", off, err)
 		}
 		typ, length := be.Uint32(hdr[0:]), int64(be.Uint32(hdr[4:]))
@@ -294,18 +301,23 @@ func (h *header) readExtensions(r io.ReaderAt, _ []byte, fileSize int64) error {
 			return nil
 		}
 		off += 8
-		if length > end-off || length > maxHeaderExtLength {
-			return corruptf("header extension %#x of %d bytes runs past the first cluster", typ, length)
-		}
-		data := make([]byte, length)
-		if _, err := r.ReadAt(data, off); err != nil {
-			return fmt.Errorf("qcow: reading header extension %#x: %w", typ, err)
+		if off > end || length > end-off {
+			return corruptf("header extension %#x of %d bytes runs past the end of the header area (%#x)", typ, length, end)
 		}
 		switch typ {
-		case extBackingFormat:
-			h.backingFormat = string(data)
-		case extDataFile:
-			h.dataFile = string(data)
+		case extBackingFormat, extDataFile:
+			if length > maxHeaderExtLength {
+				return corruptf("header extension %#x is %d bytes long", typ, length)
+			}
+			data := make([]byte, length)
+			if err := readFull(r, data, off); err != nil {
+				return fmt.Errorf("qcow: reading header extension %#x: %w", typ, err)
+			}
+			if typ == extBackingFormat {
+				h.backingFormat = string(data)
+			} else {
+				h.dataFile = string(data)
+			}
 		case extFullDiskCrypto:
 			return fmt.Errorf("%w: the image has a full disk encryption header", ErrEncrypted)
 		}

@@ -65,6 +65,10 @@ type Volume struct {
 	// BytesUsed is the space the volume's own layers take.
 	BytesUsed int64             `json:"bytes_used"`
 	Metadata  map[string]string `json:"metadata,omitempty"`
+	// Chain lists the layers the head reads through, head first, as
+	// `qemu-img info --backing-chain` does (local store: file paths;
+	// a clone's chain goes on into its parent volume's layers).
+	Chain []string `json:"chain,omitempty"`
 }
 
 // Snapshot describes one immutable snapshot.
@@ -77,6 +81,12 @@ type Snapshot struct {
 	Parent      string            `json:"parent,omitempty"`
 	Consistency Consistency       `json:"consistency"`
 	Metadata    map[string]string `json:"metadata,omitempty"`
+	// Instance is set when the snapshot was taken as part of a snapshot
+	// of that instance (it is then deleted with the instance snapshot).
+	Instance string `json:"instance,omitempty"`
+	// Path is where the snapshot's layer lives, for qemu-img (local store:
+	// the read-only qcow2 file whose backing chain is the snapshot).
+	Path string `json:"path,omitempty"`
 }
 
 // SnapshotOptions go with a new snapshot.
@@ -140,13 +150,63 @@ type Instance struct {
 	Disks []Disk `json:"disks"`
 	// Running instances are frozen for a quiesced snapshot.
 	Running bool `json:"running"`
+	// Created is when the instance was defined (zero if unknown).
+	Created time.Time `json:"created,omitzero"`
 }
 
-// InstanceProvider lists instances and their disks, and can quiesce a guest.
+// SnapshotDisk is one disk of an instance snapshot: which snapshot of which
+// volume holds it.
+type SnapshotDisk struct {
+	Device   string `json:"device"`
+	Volume   string `json:"volume"`
+	Snapshot string `json:"snapshot"`
+}
+
+// InstanceSnapshot records a snapshot of every disk of an instance, taken at
+// one point.
+type InstanceSnapshot struct {
+	Instance    string         `json:"instance"`
+	Name        string         `json:"name"`
+	Created     time.Time      `json:"created"`
+	Consistency Consistency    `json:"consistency"`
+	Disks       []SnapshotDisk `json:"disks"`
+	// Frozen is how long the guest stayed frozen (0 when it was not).
+	Frozen   time.Duration     `json:"frozen_ns,omitempty"`
+	Metadata map[string]string `json:"metadata,omitempty"`
+}
+
+// InstanceSnapshotOptions go with a new instance snapshot. The caller (see
+// [Manager]) has quiesced the guest when it could and says so in
+// Consistency.
+type InstanceSnapshotOptions struct {
+	// Consistency to record; "" lets the provider say what it achieved on
+	// its own (crash-consistent when it takes every disk at one instant).
+	Consistency Consistency
+	// FrozenSince is when the guest was frozen (zero if it was not): the
+	// provider records the time from then to the snapshot as Frozen.
+	FrozenSince time.Time
+	Metadata    map[string]string
+}
+
+// InstanceProvider lists instances and their disks, can quiesce a guest, and
+// takes and keeps instance snapshots. [Manager] orchestrates a consistent
+// snapshot over any provider: freeze, CreateInstanceSnapshot, thaw.
 type InstanceProvider interface {
 	ListInstances(ctx context.Context) ([]Instance, error)
 	Instance(ctx context.Context, name string) (Instance, error)
 	// Freeze quiesces the guest filesystems and returns the function that
 	// thaws them. ErrUnsupported when the instance has no guest agent.
 	Freeze(ctx context.Context, name string) (thaw func(context.Context) error, err error)
+
+	// ListInstanceSnapshots returns the snapshots of an instance, oldest
+	// first.
+	ListInstanceSnapshots(ctx context.Context, instance string) ([]InstanceSnapshot, error)
+	InstanceSnapshot(ctx context.Context, instance, name string) (InstanceSnapshot, error)
+	// CreateInstanceSnapshot snapshots every disk of the instance at one
+	// point, under the same snapshot name on each volume, and records the
+	// device mapping. It does not freeze: the caller has done that.
+	CreateInstanceSnapshot(ctx context.Context, instance, name string, opts InstanceSnapshotOptions) (InstanceSnapshot, error)
+	// DeleteInstanceSnapshot deletes the record and every disk snapshot it
+	// holds.
+	DeleteInstanceSnapshot(ctx context.Context, instance, name string) error
 }

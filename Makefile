@@ -1,0 +1,52 @@
+# snapfs: `make run` shows it working, `make test` is what CI runs.
+#
+#   make deps    install what building and testing need (idempotent)
+#   make build   bin/snapfs, one static binary
+#   make test    vet, every test, then each fuzz target for FUZZTIME
+#   make bench   benchmarks against qemu-img (BENCHFLAGS for smaller runs)
+#   make run     the README's first command
+#   make fmt     gofmt every file
+#   make clean   remove what the targets above made
+
+# Go may be installed where a non-login shell (CI) does not look.
+export PATH := $(PATH):/usr/local/go/bin
+GO ?= go
+FUZZTIME ?= 10s
+BENCHFLAGS ?=
+
+# qcow, snapshot and fs build without cgo; the cgo backends (Ceph,
+# libvirt) get build tags of their own when they come.
+export CGO_ENABLED ?= 0
+
+.PHONY: all deps build test vet fuzz bench run fmt clean
+
+all: build
+
+deps:
+	./scripts/deps.sh
+
+build:
+	$(GO) build -o bin/snapfs ./cmd/snapfs
+
+vet:
+	$(GO) vet ./...
+
+test: deps build vet
+	$(GO) test ./... -count=1 -timeout 30m
+	FUZZTIME=$(FUZZTIME) ./scripts/fuzz.sh
+
+fuzz:
+	FUZZTIME=$(FUZZTIME) ./scripts/fuzz.sh
+
+bench: deps build
+	$(GO) build -o bin/qcowbench ./bench/cmd/qcowbench
+	./bin/qcowbench -snapfs bin/snapfs -work .bench $(BENCHFLAGS)
+
+run: build
+	./scripts/demo.sh bin/snapfs .run
+
+fmt:
+	gofmt -w $$(git ls-files --cached --others --exclude-standard '*.go')
+
+clean:
+	rm -rf bin .bench .run

@@ -1,0 +1,207 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// imagesVersion changes whenever the images the harness makes change, so
+// that old ones in -work are not reused.
+const imagesVersion = "1"
+
+// chunk bounds one qemu-io write: qemu-io holds the whole buffer in memory.
+const chunk = 64 << 20
+
+// denseChain makes (or reuses) the dense chain of cases a-c and returns the
+// path of its top layer. Layer i writes the i-th slice of the disk and a
+// quarter slice on each side, over the layers below: every byte of the
+// result is data, and a third of each layer is shadowed by the next.
+func (b *bench) denseChain() (string, error) {
+	cfg := b.cfg
+	dir := filepath.Join(cfg.work, fmt.Sprintf("dense-%dx%d", cfg.layers, cfg.size))
+	top := filepath.Join(dir, fmt.Sprintf("layer%d.qcow2", cfg.layers-1))
+	b.inputs = nil
+	for i := 0; i < cfg.layers; i++ {
+		b.inputs = append([]string{filepath.Join(dir, fmt.Sprintf("layer%d.qcow2", i))}, b.inputs...)
+	}
+	if reusable(dir) {
+		return top, nil
+	}
+	fmt.Fprintf(b.out, "making a dense chain of %d layers, %s, in %s ...\n", cfg.layers, formatSize(cfg.size), dir)
+	defer b.took(time.Now())
+	if err := os.RemoveAll(dir); err != nil {
+		return "", err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", err
+	}
+	slice := cfg.size / int64(cfg.layers) &^ (64<<10 - 1)
+	for i := 0; i < cfg.layers; i++ {
+		name := fmt.Sprintf("layer%d.qcow2", i)
+		args := []string{"create", "-q", "-f", "qcow2"}
+		if i > 0 {
+			args = append(args, "-b", fmt.Sprintf("layer%d.qcow2", i-1), "-F", "qcow2")
+		}
+		if err := tool(dir, "qemu-img", append(args, name, fmt.Sprint(cfg.size))...); err != nil {
+			return "", err
+		}
+		start := max(int64(i)*slice-slice/4, 0)
+		end := min(int64(i+1)*slice+slice/4, cfg.size)
+		if i == cfg.layers-1 {
+			end = cfg.size
+		}
+		pattern, err := writePattern(dir, fmt.Sprintf("pattern%d", i), uint64(i))
+		if err != nil {
+			return "", err
+		}
+		if err := writeRange(dir, name, pattern, start, end-start); err != nil {
+			return "", err
+		}
+		os.Remove(pattern)
+	}
+	return top, markDone(dir)
+}
+
+// sparseImage makes (or reuses) a qcow2 image of the given virtual size
+// holding data bytes in 64 runs spread evenly over it.
+func (b *bench) sparseImage(virtual, data int64) (string, error) {
+	dir := filepath.Join(b.cfg.work, fmt.Sprintf("sparse-%d-%d", virtual, data))
+	img := filepath.Join(dir, "sparse.qcow2")
+	if reusable(dir) {
+		return img, nil
+	}
+	fmt.Fprintf(b.out, "making a sparse image, %s virtual with %s of data, in %s ...\n", formatSize(virtual), formatSize(data), dir)
+	defer b.took(time.Now())
+	if err := os.RemoveAll(dir); err != nil {
+		return "", err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", err
+	}
+	if err := tool(dir, "qemu-img", "create", "-q", "-f", "qcow2", "sparse.qcow2", fmt.Sprint(virtual)); err != nil {
+		return "", err
+	}
+	pattern, err := writePattern(dir, "pattern", 99)
+	if err != nil {
+		return "", err
+	}
+	const runs = 64
+	runLen := max(data/runs&^(64<<10-1), 64<<10)
+	stride := virtual / runs &^ (64<<10 - 1)
+	for i := int64(0); i < runs; i++ {
+		if err := writeRange(dir, "sparse.qcow2", pattern, i*stride, runLen); err != nil {
+			return "", err
+		}
+	}
+	os.Remove(pattern)
+	return img, markDone(dir)
+}
+
+// sparseCase is case d: a raw export of a huge sparse image must take the
+// time of its data. The same data is exported from an image of
+// -sparse-virtual and from one of -sparse-small; the two times should be
+// about equal.
+func (b *bench) sparseCase() error {
+	cfg := b.cfg
+	times := map[string][2]float64{}
+	sizes := []int64{cfg.sparseVirtual, cfg.sparseSmall}
+	var imgs []string
+	for _, virtual := range sizes {
+		img, err := b.sparseImage(virtual, cfg.sparseData)
+		if err != nil {
+			return err
+		}
+		imgs = append(imgs, img)
+	}
+	b.header(fmt.Sprintf("sparse raw export: %s of data in %s virtual, then in %s virtual",
+		formatSize(cfg.sparseData), formatSize(cfg.sparseVirtual), formatSize(cfg.sparseSmall)))
+	for i, virtual := range sizes {
+		img := imgs[i]
+		b.inputs = []string{img}
+		out := filepath.Join(cfg.work, "sparse-out.raw")
+		s, err := b.measure(command{b.snapfs, []string{"convert", "-O", "raw", img, out}}, b.inputs, out, cfg.sparseData)
+		if err != nil {
+			return err
+		}
+		q, err := b.measure(command{"qemu-img", []string{"convert", "-O", "raw", img, out}}, b.inputs, out, cfg.sparseData)
+		if err != nil {
+			return err
+		}
+		b.pair(fmt.Sprintf("d. raw, %s virtual", formatSize(virtual)), s, q)
+		for tool, x := range map[string]sample{"snapfs": s, "qemu-img": q} {
+			t := times[tool]
+			t[i] = x.time.Seconds()
+			times[tool] = t
+		}
+	}
+	for _, tool := range []string{"snapfs", "qemu-img"} {
+		t := times[tool]
+		fmt.Fprintf(b.out, "  d. %s: time for %s virtual / time for %s virtual = %.2f (1.00: time follows the data, not the virtual size)\n",
+			tool, formatSize(cfg.sparseVirtual), formatSize(cfg.sparseSmall), t[0]/t[1])
+	}
+	return nil
+}
+
+// took reports how long making images took.
+func (b *bench) took(start time.Time) {
+	fmt.Fprintf(b.out, "  made in %.1f s\n", time.Since(start).Seconds())
+}
+
+// writePattern writes a pattern file for qemu-io write -s: 1 MiB and a bit
+// (so that clusters differ from each other) of data that compresses about
+// as well as a real disk does, half random bytes and half text.
+func writePattern(dir, name string, seed uint64) (string, error) {
+	rng := rand.New(rand.NewPCG(seed, 0x5eed))
+	words := strings.Fields("the of and to in is was for on that with as by at from qcow2 snapshot volume cluster layer image disk block")
+	var buf bytes.Buffer
+	for buf.Len() < 1<<20+4096+int(seed)*512 {
+		for i := 0; i < 256; i++ {
+			buf.WriteByte(byte(rng.Uint32()))
+		}
+		for n := 0; n < 256; {
+			w := words[rng.IntN(len(words))] + " "
+			buf.WriteString(w)
+			n += len(w)
+		}
+	}
+	path := filepath.Join(dir, name)
+	return path, os.WriteFile(path, buf.Bytes(), 0o644)
+}
+
+// writeRange fills [off, off+length) of img with the pattern, with qemu-io,
+// chunk by chunk.
+func writeRange(dir, img, pattern string, off, length int64) error {
+	var args []string
+	for pos := off; pos < off+length; pos += chunk {
+		args = append(args, "-c", fmt.Sprintf("write -q -s %s %d %d", pattern, pos, min(chunk, off+length-pos)))
+	}
+	return tool(dir, "qemu-io", append(args, img)...)
+}
+
+// tool runs a qemu tool in dir.
+func tool(dir, name string, args ...string) error {
+	cmd := exec.Command(name, args...)
+	cmd.Dir = dir
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("%s %s: %v: %s", name, strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// reusable says whether dir holds images made by this version of the
+// harness, complete.
+func reusable(dir string) bool {
+	got, err := os.ReadFile(filepath.Join(dir, "done"))
+	return err == nil && string(got) == imagesVersion
+}
+
+// markDone marks the images in dir as complete.
+func markDone(dir string) error {
+	return os.WriteFile(filepath.Join(dir, "done"), []byte(imagesVersion), 0o644)
+}

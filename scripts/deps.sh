@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what snapfs needs to build and test, and nothing that is there
+# already: Debian packages (qemu-utils for qemu-img/qemu-io, the oracles of
+# the tests; fuse3 for fusermount3; gcc for the cgo backends) and the Go
+# modules. Safe to run again and again: with everything present it makes no
+# change and touches no network but the Go module cache check.
+set -euo pipefail
+
+packages=(qemu-utils fuse3 gcc)
+
+missing=()
+for p in "${packages[@]}"; do
+	# dpkg-query says "install ok installed" only for a fully installed
+	# package; a removed one ("deinstall ok config-files") counts as missing.
+	if [[ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)" != "install ok installed" ]]; then
+		missing+=("$p")
+	fi
+done
+
+if ((${#missing[@]} > 0)); then
+	echo "deps: installing ${missing[*]}" >&2
+	sudo=()
+	if [[ $(id -u) != 0 ]]; then
+		if ! command -v sudo >/dev/null; then
+			echo "deps: missing Debian packages ${missing[*]}; run as root: apt-get install ${missing[*]}" >&2
+			exit 1
+		fi
+		sudo=(sudo)
+	fi
+	# No stdin in CI: never let apt or debconf ask a question.
+	export DEBIAN_FRONTEND=noninteractive
+	"${sudo[@]}" apt-get update -q
+	"${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null
+fi
+
+go mod download

@@ -1,0 +1,213 @@
+package snapshot
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"snapfs/internal/qemutest"
+	"snapfs/qcow"
+)
+
+// importFile imports the image file at path as volume name, as the CLI
+// and the mount do: OpenUntrusted, then ImportVolume.
+func importFile(ctx context.Context, s *LocalStore, name, path string, meta map[string]string) (Volume, error) {
+	img, err := OpenUntrusted(path)
+	if err != nil {
+		return Volume{}, err
+	}
+	defer img.Close()
+	return s.ImportVolume(ctx, name, img, meta)
+}
+
+func TestImport(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	s := openStore(t)
+
+	// raw, with holes, a size that is not a multiple of 512, and a name
+	// that says qcow2: the content decides.
+	raw := filepath.Join(dir, "disk.qcow2")
+	data := make([]byte, 3<<20+1000)
+	for i := range 1 << 20 {
+		data[i] = byte(i * 7)
+	}
+	copy(data[len(data)-600:], bytes.Repeat([]byte{0xee}, 600))
+	if err := os.WriteFile(raw, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// qcow2 with every kind of cluster: small clusters, compressed data,
+	// zero clusters.
+	q := qemutest.Create(t, "qcow2", filepath.Join(dir, "src.raw"), "5M", "-o", "cluster_size=4k")
+	qemutest.IO(t, q, "write -P 0x11 0 1M", "write -c -P 0x22 1M 64k", "write -z 512k 64k", "write -P 0x33 4M 100k")
+
+	for _, c := range []struct{ name, path string }{{"from-raw", raw}, {"from-qcow2", q}} {
+		meta := map[string]string{"source": c.path}
+		var calls int
+		pctx := WithProgress(ctx, func(done, total int64) { calls++ })
+		v, err := importFile(pctx, s, c.name, c.path, meta)
+		if err != nil {
+			t.Fatalf("import %s: %v", c.path, err)
+		}
+		if calls == 0 {
+			t.Errorf("import %s: no progress reported", c.name)
+		}
+		if v.Metadata["source"] != c.path || len(v.Chain) != 2 {
+			t.Errorf("volume %+v", v)
+		}
+		want := qemutest.ConvertRaw(t, c.path)
+		img, err := s.OpenHead(ctx, c.name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := readImage(t, img)
+		// qemu sees a raw file rounded up to whole sectors; so do we.
+		if !bytes.Equal(got, want) {
+			t.Fatalf("%s: the imported volume (%d bytes) reads differently from the source (%d bytes)", c.name, len(got), len(want))
+		}
+		for _, f := range v.Chain {
+			qemutest.Check(t, f)
+		}
+		qemutest.Compare(t, v.HeadPath, c.path)
+		// A volume like any other: snapshot and delete down to nothing.
+		writeHead(t, s, c.name, "write -P 0x44 0 64k")
+		mustSnapshot(t, s, c.name, "s1")
+		before := capture(t, s, c.name)
+		if err := s.DeleteSnapshot(ctx, c.name, "s1"); err != nil {
+			t.Fatal(err)
+		}
+		sameState(t, capture(t, s, c.name), before, "s1")
+	}
+	if _, err := importFile(ctx, s, "from-raw", raw, nil); !errors.Is(err, ErrExists) {
+		t.Errorf("import over an existing volume: %v", err)
+	}
+	checkNoStrayFiles(t, s)
+}
+
+// TestImportRefused: hostile images are refused, each with a message that
+// says what to do, and nothing is created.
+func TestImportRefused(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	s := openStore(t)
+	mustVolume(t, s, "existing", 1<<20)
+	filesBefore := layerFiles(t, s)
+	path := func(name string) string { return filepath.Join(dir, name) }
+
+	qemutest.Create(t, "qcow2", path("passwd.qcow2"), "1M", "-u", "-b", "/etc/passwd", "-F", "raw")
+	qemutest.Create(t, "qcow2", path("dotdot.qcow2"), "1M", "-u", "-b", "../base.qcow2", "-F", "qcow2")
+	qemutest.Create(t, "qcow2", path("datafile.qcow2"), "1M", "-o", "data_file="+path("datafile.data"))
+	qemutest.Create(t, "qcow2", path("luks.qcow2"), "1M", "--object", "secret,id=sec0,data=123456",
+		"-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10")
+	qemutest.Create(t, "qcow2", path("huge.qcow2"), "100T")
+	if err := os.WriteFile(path("empty.raw"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// Truncated: the header and L1 table are there, the L2 tables and
+	// data are cut off.
+	qemutest.Create(t, "qcow2", path("truncated.qcow2"), "4M")
+	qemutest.IO(t, path("truncated.qcow2"), "write -P 1 0 4M")
+	if err := os.Truncate(path("truncated.qcow2"), 300<<10); err != nil {
+		t.Fatal(err)
+	}
+	// A huge L1 table: 2^25 entries (256 MiB) claimed in the header.
+	qemutest.Create(t, "qcow2", path("bigl1.qcow2"), "1M")
+	patch(t, path("bigl1.qcow2"), 36, 1<<25)
+
+	for _, c := range []struct {
+		file  string
+		cause error
+		says  string
+	}{
+		{"passwd.qcow2", qcow.ErrBacking, `backing file ("/etc/passwd"); flatten it first (qemu-img convert -O qcow2`},
+		{"dotdot.qcow2", qcow.ErrBacking, `backing file ("../base.qcow2"); flatten it first`},
+		{"datafile.qcow2", qcow.ErrDataFile, "external data file"},
+		{"luks.qcow2", qcow.ErrEncrypted, "encrypted"},
+		{"huge.qcow2", qcow.ErrLimit, "beyond the limit of 64 TiB"},
+		{"empty.raw", qcow.ErrLimit, "empty"},
+		{"truncated.qcow2", qcow.ErrCorrupt, "damaged or truncated"},
+		{"bigl1.qcow2", nil, "import: "},
+	} {
+		_, err := importFile(ctx, s, "new", path(c.file), nil)
+		var ie *ImportError
+		switch {
+		case err == nil:
+			t.Errorf("%s: imported", c.file)
+		case !errors.As(err, &ie) || !errors.Is(err, ErrInvalid):
+			t.Errorf("%s: not an ImportError wrapping ErrInvalid: %v", c.file, err)
+		case c.cause != nil && !errors.Is(err, c.cause):
+			t.Errorf("%s: does not wrap %v: %v", c.file, c.cause, err)
+		case !strings.Contains(err.Error(), c.says):
+			t.Errorf("%s: message %q does not say %q", c.file, err, c.says)
+		default:
+			t.Logf("%s: %v", c.file, err)
+		}
+		if _, err := s.Volume(ctx, "new"); !errors.Is(err, ErrNotFound) {
+			t.Errorf("%s: a volume appeared: %v", c.file, err)
+		}
+		if files := layerFiles(t, s); !equalSets(files, filesBefore) {
+			t.Errorf("%s: files left: %v", c.file, files)
+		}
+	}
+}
+
+// TestImportCancelled: an import cut short (an interrupted cp, ^C) leaves
+// nothing.
+func TestImportCancelled(t *testing.T) {
+	dir := t.TempDir()
+	s := openStore(t)
+	src := qemutest.Create(t, "qcow2", filepath.Join(dir, "src.qcow2"), "64M")
+	qemutest.IO(t, src, "write -P 3 0 32M")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	pctx := WithProgress(ctx, func(done, total int64) {
+		if done > 0 {
+			cancel()
+		}
+	})
+	if _, err := importFile(pctx, s, "v", src, nil); !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled import: %v", err)
+	}
+	if files := layerFiles(t, s); len(files) != 0 {
+		t.Errorf("files left: %v", files)
+	}
+	if vols, _ := s.ListVolumes(context.Background()); len(vols) != 0 {
+		t.Errorf("volumes: %v", vols)
+	}
+}
+
+// patch overwrites a big-endian uint32 at off of the file.
+func patch(t *testing.T, path string, off int64, v uint32) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var b [4]byte
+	binary.BigEndian.PutUint32(b[:], v)
+	if _, err := f.WriteAt(b[:], off); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func equalSets(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	seen := map[string]bool{}
+	for _, x := range a {
+		seen[x] = true
+	}
+	for _, x := range b {
+		if !seen[x] {
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,454 @@
+package snapshot
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	"snapfs/qcow"
+)
+
+// ListSnapshots implements [Backend]: the snapshots of a volume, oldest
+// first.
+func (s *LocalStore) ListSnapshots(ctx context.Context, volume string) ([]Snapshot, error) {
+	m, err := s.load()
+	if err != nil {
+		return nil, err
+	}
+	v, err := m.volume(volume)
+	if err != nil {
+		return nil, err
+	}
+	out := []Snapshot{}
+	for i, l := range v.Layers {
+		if l.Snapshot != nil {
+			out = append(out, s.toSnapshot(volume, v, i))
+		}
+	}
+	return out, nil
+}
+
+// Snapshot implements [Backend].
+func (s *LocalStore) Snapshot(ctx context.Context, volume, name string) (Snapshot, error) {
+	m, err := s.load()
+	if err != nil {
+		return Snapshot{}, err
+	}
+	v, i, err := m.snapshotLayer(volume, name)
+	if err != nil {
+		return Snapshot{}, err
+	}
+	return s.toSnapshot(volume, v, i), nil
+}
+
+// CreateSnapshots implements [Backend]. Each volume's head becomes the
+// snapshot's read-only layer and a new empty overlay on top of it becomes
+// the head: O(1) whatever the size, no data copied. All the volumes
+// switch in one metadata commit, so the snapshots exist all or none. The
+// consistency recorded defaults to crash-consistent: the store takes every
+// disk at one instant, and refuses (ErrBusy) a head that qemu has open.
+func (s *LocalStore) CreateSnapshots(ctx context.Context, volumes []string, name string, opts SnapshotOptions) ([]Snapshot, error) {
+	return s.createSnapshots(ctx, volumes, name, opts, "", nil)
+}
+
+// createSnapshots is CreateSnapshots for an instance snapshot too: the
+// snapshots are marked as the instance's, and record adds the instance
+// record to the same commit.
+func (s *LocalStore) createSnapshots(ctx context.Context, volumes []string, name string, opts SnapshotOptions,
+	instance string, record func(m *storeMeta) error) ([]Snapshot, error) {
+	if err := CheckSnapshotName(name); err != nil {
+		return nil, err
+	}
+	if len(volumes) == 0 {
+		return nil, fmt.Errorf("%w: no volume to snapshot", ErrInvalid)
+	}
+	seen := map[string]bool{}
+	for _, vol := range volumes {
+		if seen[vol] {
+			return nil, fmt.Errorf("%w: volume %q given twice", ErrInvalid, vol)
+		}
+		seen[vol] = true
+	}
+	if err := checkMetadata(opts.Metadata); err != nil {
+		return nil, err
+	}
+	consistency := opts.Consistency
+	if consistency == "" {
+		consistency = CrashConsistent
+	}
+	if err := consistency.check(); err != nil {
+		return nil, err
+	}
+	release, err := s.lockVolumes(ctx, volumes...)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	m, err := s.load()
+	if err != nil {
+		return nil, err
+	}
+	oldHeads := map[string]string{}
+	for _, vol := range volumes {
+		v, err := m.volume(vol)
+		if err != nil {
+			return nil, err
+		}
+		if v.findSnapshot(name) >= 0 {
+			return nil, fmt.Errorf("%w: snapshot %q of volume %q", ErrExists, name, vol)
+		}
+		if err := s.headFree(vol, v); err != nil {
+			return nil, err
+		}
+		oldHeads[vol] = v.Head
+	}
+
+	heads := map[string]*newFile{}
+	committed := false
+	defer func() {
+		for _, nf := range heads {
+			if committed {
+				nf.release()
+			} else {
+				nf.discard()
+			}
+		}
+	}()
+	for _, vol := range volumes {
+		nf, err := s.createFile(newLayerName(), true)
+		if err != nil {
+			return nil, err
+		}
+		heads[vol] = nf
+		if err := qcow.CreateOverlay(nf.f, m.Volumes[vol].Size, 0, oldHeads[vol], "qcow2"); err != nil {
+			return nil, fmt.Errorf("volume %q: new head: %w", vol, err)
+		}
+		if err := nf.publish(0o600); err != nil {
+			return nil, err
+		}
+	}
+	if err := s.syncLayers(); err != nil {
+		return nil, err
+	}
+	pauseAt(PauseSnapshotWritten)
+
+	created := now()
+	err = s.commit(ctx, func(m *storeMeta) error {
+		for _, vol := range volumes {
+			v, err := m.volume(vol)
+			if err != nil {
+				return err
+			}
+			if v.Head != oldHeads[vol] {
+				panic("BUG: the head of a locked volume changed")
+			}
+			if v.findSnapshot(name) >= 0 {
+				return fmt.Errorf("%w: snapshot %q of volume %q", ErrExists, name, vol)
+			}
+			v.Layers = append(v.Layers, layerMeta{File: v.Head, Snapshot: &snapshotMeta{
+				Name: name, Created: created, Consistency: consistency,
+				Metadata: copyMetadata(opts.Metadata), Instance: instance,
+			}})
+			v.Head = filepath.Base(heads[vol].final)
+		}
+		if record != nil {
+			return record(m)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	committed = true
+	pauseAt(PauseSnapshotCommitted)
+	// Read-only from now on; qemu opens backing files read-only anyway,
+	// this stops a mistaken qemu-io -c write from a user (root ignores it).
+	for _, old := range oldHeads {
+		os.Chmod(s.layerPath(old), 0o400)
+	}
+	out := make([]Snapshot, 0, len(volumes))
+	for _, vol := range volumes {
+		snap, err := s.Snapshot(ctx, vol, name)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, snap)
+	}
+	return out, nil
+}
+
+// check refuses unknown consistency levels.
+func (c Consistency) check() error {
+	switch c {
+	case Quiesced, CrashConsistent, None:
+		return nil
+	}
+	return fmt.Errorf("%w: consistency %q: want %s, %s or %s", ErrInvalid, c, Quiesced, CrashConsistent, None)
+}
+
+// DeleteSnapshot implements [Backend]. The snapshot's child layer (the
+// next snapshot, or the head) is rewritten to hold its own clusters plus
+// those of the deleted layer that it does not override, on top of the
+// deleted layer's parent, and renamed over the old child: every other
+// snapshot and the head read exactly as before, and images opened before
+// keep reading the old files. It costs a copy of the child and the deleted
+// layer's data. ErrBusy while clones read through the snapshot, while it
+// belongs to an instance snapshot (delete that instead), or when the child
+// is the head and qemu has it open.
+func (s *LocalStore) DeleteSnapshot(ctx context.Context, volume, name string) error {
+	return s.deleteSnapshot(ctx, volume, name, "")
+}
+
+// deleteSnapshot is DeleteSnapshot on behalf of owner, the instance whose
+// snapshot is being deleted ("" for none).
+func (s *LocalStore) deleteSnapshot(ctx context.Context, volume, name, owner string) error {
+	release, err := s.lockVolumes(ctx, volume)
+	if err != nil {
+		return err
+	}
+	defer release()
+	m, err := s.load()
+	if err != nil {
+		return err
+	}
+	v, i, err := m.snapshotLayer(volume, name)
+	if err != nil {
+		return err
+	}
+	if err := deletable(m, volume, v, i, owner); err != nil {
+		return err
+	}
+	deleted := v.Layers[i].File
+	child, childIsHead := v.Head, i == len(v.Layers)-1
+	if !childIsHead {
+		child = v.Layers[i+1].File
+	}
+	if childIsHead {
+		if err := s.headFree(volume, v); err != nil {
+			return err
+		}
+	}
+	below := m.belowFile(v, i)
+
+	if err := s.mergeInto(ctx, child, below, childIsHead); err != nil {
+		return fmt.Errorf("deleting snapshot %q of volume %q: %w", name, volume, err)
+	}
+	pauseAt(PauseDeleteRenamed)
+
+	err = s.commit(ctx, func(m *storeMeta) error {
+		v, j, err := m.snapshotLayer(volume, name)
+		if err != nil {
+			return err
+		}
+		if j != i || v.Layers[j].File != deleted {
+			panic("BUG: the layers of a locked volume changed")
+		}
+		if err := deletable(m, volume, v, j, owner); err != nil {
+			return err
+		}
+		v.Layers = slices.Delete(v.Layers, j, j+1)
+		return nil
+	})
+	if err != nil {
+		// The merged child is in place and reads as before: the store is
+		// consistent, the snapshot simply still exists.
+		return err
+	}
+	pauseAt(PauseDeleteCommitted)
+	os.Remove(s.layerPath(deleted))
+	return nil
+}
+
+// deletable returns ErrBusy when something depends on the snapshot at
+// layer i of v.
+func deletable(m *storeMeta, volume string, v *volumeMeta, i int, owner string) error {
+	sm := v.Layers[i].Snapshot
+	if sm.Instance != "" && sm.Instance != owner {
+		return fmt.Errorf("%w: snapshot %q of volume %q belongs to instance snapshot %s/%s; delete that instead",
+			ErrBusy, sm.Name, volume, sm.Instance, sm.Name)
+	}
+	if clones := m.clonesOf(volume, sm.Name); len(clones) > 0 {
+		return fmt.Errorf("%w: snapshot %q of volume %q has clones (%s)", ErrBusy, sm.Name, volume, strings.Join(clones, ", "))
+	}
+	return nil
+}
+
+// mergeInto writes a new version of the layer file child that holds its
+// own clusters and those of its backing layer (the one being deleted) that
+// it does not override, backed by below, and renames it over child. The
+// chain child -> deleted -> below... reads the same as new child ->
+// below..., so the rename changes nothing any reader can see.
+func (s *LocalStore) mergeInto(ctx context.Context, child, below string, childIsHead bool) error {
+	chain, err := s.openResolved(ctx, func(*storeMeta) (string, error) { return child, nil })
+	if err != nil {
+		return err
+	}
+	defer chain.Close()
+	ext, err := chain.Extents(0, chain.Size())
+	if err != nil {
+		return err
+	}
+	nf, err := s.createFile(child, false)
+	if err != nil {
+		return err
+	}
+	published := false
+	defer func() {
+		if published {
+			nf.release()
+		} else {
+			nf.discard()
+		}
+	}()
+	opts := qcow.ConvertOptions{
+		Format: qcow.FormatQcow2,
+		// Layers 0 and 1 (the child and the deleted layer) are kept;
+		// what neither allocates falls through to below.
+		Delta:    qcow.ExtentsAbove(ext, 2),
+		Progress: progressWithPause(ctx, PauseDeleteMerging),
+	}
+	if below != "" {
+		opts.BackingName, opts.BackingFormat = below, "qcow2"
+	}
+	if err := qcow.Convert(ctx, nf.f, chain, opts); err != nil {
+		return err
+	}
+	pauseAt(PauseDeleteMerged)
+	mode := os.FileMode(0o400)
+	if childIsHead {
+		mode = 0o600
+	}
+	if err := nf.publish(mode); err != nil {
+		return err
+	}
+	published = true
+	return s.syncLayers()
+}
+
+// progressWithPause returns the progress function of ctx (see
+// WithProgress), which also stops at pause point once work has begun.
+func progressWithPause(ctx context.Context, point string) func(done, total int64) {
+	report := ProgressFrom(ctx)
+	return func(done, total int64) {
+		if report != nil {
+			report(done, total)
+		}
+		if done > 0 {
+			pauseAt(point)
+		}
+	}
+}
+
+// OpenSnapshot implements [Backend]: the chain whose top is the snapshot's
+// layer. It keeps reading the same bytes whatever happens to the store
+// afterwards (deleted layers stay open, merged ones are new files).
+func (s *LocalStore) OpenSnapshot(ctx context.Context, volume, name string) (qcow.Image, error) {
+	return s.openResolved(ctx, func(m *storeMeta) (string, error) {
+		v, i, err := m.snapshotLayer(volume, name)
+		if err != nil {
+			return "", err
+		}
+		return v.Layers[i].File, nil
+	})
+}
+
+// Changed implements [Backend]: the extents of snapshot to owned by the
+// layers above snapshot from's layer. A merge may have moved into them
+// clusters that read the same as in from, so the result can be larger
+// than the true difference, never smaller. from "" means everything that
+// to allocates.
+func (s *LocalStore) Changed(ctx context.Context, volume, from, to string) ([]qcow.Extent, error) {
+	depth := -1
+	chain, err := s.openResolved(ctx, func(m *storeMeta) (string, error) {
+		v, ti, err := m.snapshotLayer(volume, to)
+		if err != nil {
+			return "", err
+		}
+		if from != "" {
+			_, fi, err := m.snapshotLayer(volume, from)
+			if err != nil {
+				return "", err
+			}
+			if fi >= ti {
+				return "", fmt.Errorf("%w: snapshot %q is not older than %q", ErrInvalid, from, to)
+			}
+			depth = ti - fi
+		}
+		return v.Layers[ti].File, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	defer chain.Close()
+	if depth < 0 {
+		depth = chain.Depth()
+	}
+	ext, err := chain.Extents(0, chain.Size())
+	if err != nil {
+		return nil, err
+	}
+	return qcow.ExtentsAbove(ext, depth), nil
+}
+
+// CloneVolume creates volume name as a copy-on-write clone of a snapshot:
+// an empty head whose backing file is the snapshot's layer. O(1); the
+// clone reads through its parent until written, and the parent snapshot
+// cannot be deleted while the clone exists.
+func (s *LocalStore) CloneVolume(ctx context.Context, name string, parent SnapshotRef) (Volume, error) {
+	if err := CheckVolumeName(name); err != nil {
+		return Volume{}, err
+	}
+	release, err := s.lockVolumes(ctx, name, parent.Volume)
+	if err != nil {
+		return Volume{}, err
+	}
+	defer release()
+	m, err := s.load()
+	if err != nil {
+		return Volume{}, err
+	}
+	if m.Volumes[name] != nil {
+		return Volume{}, fmt.Errorf("%w: volume %q", ErrExists, name)
+	}
+	pv, pi, err := m.snapshotLayer(parent.Volume, parent.Snapshot)
+	if err != nil {
+		return Volume{}, err
+	}
+	head, err := s.createFile(newLayerName(), true)
+	if err != nil {
+		return Volume{}, err
+	}
+	err = qcow.CreateOverlay(head.f, pv.Size, 0, pv.Layers[pi].File, "qcow2")
+	if err == nil {
+		err = head.publish(0o600)
+	}
+	if err == nil {
+		err = s.syncLayers()
+	}
+	if err == nil {
+		err = s.commit(ctx, func(m *storeMeta) error {
+			if m.Volumes[name] != nil {
+				return fmt.Errorf("%w: volume %q", ErrExists, name)
+			}
+			pv, pi, err := m.snapshotLayer(parent.Volume, parent.Snapshot)
+			if err != nil {
+				return err
+			}
+			if sm := pv.Layers[pi].Snapshot; sm.Instance != "" && m.instanceSnapshotDeleting(sm.Instance, sm.Name) {
+				return fmt.Errorf("%w: snapshot %q of volume %q is being deleted", ErrNotFound, parent.Snapshot, parent.Volume)
+			}
+			p := parent
+			m.Volumes[name] = &volumeMeta{Created: now(), Size: pv.Size, Parent: &p, Head: filepath.Base(head.final)}
+			return nil
+		})
+	}
+	if err != nil {
+		head.discard()
+		return Volume{}, err
+	}
+	head.release()
+	return s.Volume(ctx, name)
+}

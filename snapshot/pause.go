@@ -1,0 +1,59 @@
+package snapshot
+
+import (
+	"fmt"
+	"os"
+	"time"
+)
+
+// PauseEnv names the environment variable that stops a process at a named
+// point inside a mutation, so that a crash test can kill -9 it exactly
+// there. When the process reaches the point it prints "snapfs: paused at
+// POINT" on stderr and sleeps for an hour. The points are the pause*
+// constants below; the variable is read once, at start.
+const PauseEnv = "SNAPFS_TEST_PAUSE_AT"
+
+// The named points where PauseEnv can stop a mutation of the local store.
+const (
+	// PauseSnapshotWritten: the new overlays exist, metadata not yet
+	// committed.
+	PauseSnapshotWritten = "snapshot-written"
+	// PauseSnapshotCommitted: metadata committed, old heads not yet made
+	// read-only.
+	PauseSnapshotCommitted = "snapshot-committed"
+	// PauseDeleteMerging: the merged child is being written (after the
+	// first progress report).
+	PauseDeleteMerging = "delete-merging"
+	// PauseDeleteMerged: the merged child is written and synced, not yet
+	// renamed over the old child.
+	PauseDeleteMerged = "delete-merged"
+	// PauseDeleteRenamed: the merged child has replaced the old child;
+	// metadata still lists the snapshot.
+	PauseDeleteRenamed = "delete-renamed"
+	// PauseDeleteCommitted: metadata no longer lists the snapshot; its
+	// layer file is not yet removed.
+	PauseDeleteCommitted = "delete-committed"
+	// PauseImportConverting: the base layer is being written.
+	PauseImportConverting = "import-converting"
+	// PauseImportWritten: base and head are written, metadata not yet
+	// committed.
+	PauseImportWritten = "import-written"
+	// PauseVolumeDeleteCommitted: the volume is gone from metadata, its
+	// files not yet removed.
+	PauseVolumeDeleteCommitted = "volume-delete-committed"
+	// PauseInstanceDeleteMarked: an instance snapshot is marked for
+	// deletion, its disk snapshots not yet deleted.
+	PauseInstanceDeleteMarked = "instance-delete-marked"
+)
+
+var pausePoint = os.Getenv(PauseEnv)
+
+// pauseAt stops the process at point when PauseEnv names it. It costs a
+// string comparison otherwise.
+func pauseAt(point string) {
+	if pausePoint == "" || pausePoint != point {
+		return
+	}
+	fmt.Fprintf(os.Stderr, "snapfs: paused at %s\n", point)
+	time.Sleep(time.Hour)
+}
