@@ -60,6 +60,7 @@ var (
 	_ fusefs.NodeSymlinker = (*dir)(nil)
 	_ fusefs.NodeLinker    = (*dir)(nil)
 	_ fusefs.NodeMknoder   = (*dir)(nil)
+	_ fusefs.NodeStatfser  = (*dir)(nil)
 )
 
 // newDir returns a directory node. writable says whether its contents take
@@ -211,6 +212,18 @@ func (d *dir) Link(context.Context, fusefs.InodeEmbedder, string, *fuse.EntryOut
 // Mknod implements [fusefs.NodeMknoder].
 func (d *dir) Mknod(context.Context, string, uint32, uint32, *fuse.EntryOut) (*fusefs.Inode, syscall.Errno) {
 	return nil, d.refuse()
+}
+
+// Statfs implements [fusefs.NodeStatfser]: df shows the filesystem that
+// imports are written to (the store's), so that its free space is what
+// "df MOUNT" says.
+func (d *dir) Statfs(_ context.Context, out *fuse.StatfsOut) syscall.Errno {
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(d.fsys.staging, &st); err != nil {
+		return d.fsys.errno("statfs", err)
+	}
+	out.FromStatfsT(&st)
+	return 0
 }
 
 // staticContents is a directory with a fixed set of entries.

@@ -18,18 +18,20 @@ import (
 
 // Import: `cp IMAGE MOUNT/import/NAME`.
 //
-// create makes a staging file (Config.Stage: in the store, where a crash's
-// leftovers are swept) and import/NAME shows it while it is written. Writes
-// go to the staging file at their offsets, so out-of-order writers (dd
-// seek=, rsync --inplace) work and memory does not grow with the image.
+// create makes a staging file (in Config.StagingDir, see staging_linux.go)
+// and import/NAME shows it while it is written. Writes go to the staging
+// file at their offsets, so out-of-order writers (dd seek=, rsync
+// --inplace) work and memory does not grow with the image.
 //
 // The import happens in FLUSH, the only reply the writer's close(2) waits
 // for and reports: the staging file is opened as an untrusted image
 // (snapshot.OpenUntrusted) and handed to Backend.ImportVolume. On success
-// volumes/NAME appears and import/NAME goes; on failure close() returns the
-// errno (EINVAL for a broken or hostile image, ENOTSUP for a feature we do
-// not read, ENOSPC for a full disk...), the reason goes to the log, and
-// nothing is created. Either way the staging file is removed.
+// volumes/NAME appears. On failure close() returns the errno, the reason
+// goes to the log (one line, with what to do), and nothing is created:
+// every refused image (broken, hostile, with a backing or data file,
+// encrypted, too large) is EINVAL, since the model's ImportError wraps
+// snapshot.ErrInvalid; a full disk is ENOSPC; an import cut short is EINTR.
+// Either way the staging file is removed.
 //
 // When a FLUSH comes:
 //   - nothing was written or truncated yet: nothing to import (a shell opens
@@ -117,7 +119,7 @@ func (c *importContents) create(ctx context.Context, name string) (treeNode, fus
 	if _, ok := c.pending[name]; ok {
 		return nil, nil, fmt.Errorf("%w: import %q is being written", snapshot.ErrExists, name)
 	}
-	tmp, err := c.fsys.stage()
+	tmp, err := createStaging(c.fsys.staging)
 	if err != nil {
 		return nil, nil, fmt.Errorf("import %s: creating the staging file: %w", name, err)
 	}

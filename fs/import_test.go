@@ -21,7 +21,7 @@ import (
 // that nothing is left there.
 func stagingIn(dir string) func(*Config) {
 	return func(c *Config) {
-		c.Stage = func() (*os.File, error) { return os.CreateTemp(dir, ".import-") }
+		c.StagingDir = dir
 	}
 }
 
@@ -155,6 +155,18 @@ func TestImport(t *testing.T) {
 		t.Errorf("rm of a finished import: %v", err)
 	}
 	noLeftovers(t, m, staging, "dd", "fromqcow2", "fromraw", "named.raw", "redirected", "rsync")
+
+	// df of the mount is the filesystem imports go to.
+	var mnt, stage syscall.Statfs_t
+	if err := syscall.Statfs(m.dir, &mnt); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Statfs(staging, &stage); err != nil {
+		t.Fatal(err)
+	}
+	if mnt.Blocks != stage.Blocks || mnt.Bsize != stage.Bsize {
+		t.Errorf("statfs of the mount: %d blocks of %d, want the staging filesystem's %d of %d", mnt.Blocks, mnt.Bsize, stage.Blocks, stage.Bsize)
+	}
 }
 
 // TestImportRefused: every hostile image is refused from close(), cp

@@ -36,12 +36,11 @@ type Config struct {
 	// Instances lists instances and takes their snapshots; nil leaves
 	// instances/ empty.
 	Instances snapshot.InstanceProvider
-	// Stage creates the file an import is written to before it is
-	// imported. It should be on the store's filesystem, where a crash's
-	// leftovers are swept (the local store's CreateTemp does both). Nil
-	// uses the backend's CreateTemp method if it has one, else a temp
-	// file in os.TempDir().
-	Stage func() (*os.File, error)
+	// StagingDir is where imports are written before they are imported:
+	// on the store's filesystem, so that the import can be as fast as a
+	// rename. It is created if needed, and Mount removes what imports cut
+	// short by a crash left there. Empty means os.TempDir().
+	StagingDir string
 	// ReadOnly refuses every change with EROFS (and mounts "ro").
 	ReadOnly bool
 	// AllowOther lets other users than the one mounting reach the mount;
@@ -83,6 +82,9 @@ func Mount(mountpoint string, cfg Config) (*Server, error) {
 		return nil, err
 	}
 	fsys := newFilesystem(cfg)
+	if err := sweepStaging(fsys.staging); err != nil {
+		return nil, fmt.Errorf("staging directory: %w", err)
+	}
 	mountOpts := []string{"default_permissions"}
 	if cfg.ReadOnly {
 		mountOpts = append(mountOpts, "ro")
@@ -96,7 +98,7 @@ func Mount(mountpoint string, cfg Config) (*Server, error) {
 			Name:       "snapfs",
 			// Reads of up to 1 MiB per request (kernels since 4.20):
 			// fewer round trips for cat and cp of large exports.
-			MaxWrite: 1 << 20,
+			MaxWrite: ioBlockSize,
 			// snapfs has no extended attributes: spare the kernel
 			// from asking for security.* on every lookup.
 			DisableXAttrs: true,
@@ -132,19 +134,15 @@ func newFilesystem(cfg Config) *filesystem {
 		umask:     cfg.Umask & 0o777,
 		mounted:   time.Now(),
 		log:       cfg.Logger,
-		stage:     cfg.Stage,
+		staging:   cfg.StagingDir,
 		ctx:       ctx,
 		cancel:    cancel,
 	}
 	if f.log == nil {
 		f.log = log.Default()
 	}
-	if f.stage == nil {
-		if t, ok := cfg.Backend.(interface{ CreateTemp() (*os.File, error) }); ok {
-			f.stage = t.CreateTemp
-		} else {
-			f.stage = func() (*os.File, error) { return os.CreateTemp("", ".snapfs-import-") }
-		}
+	if f.staging == "" {
+		f.staging = os.TempDir()
 	}
 	return f
 }

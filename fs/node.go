@@ -4,7 +4,6 @@ import (
 	"context"
 	"hash/fnv"
 	"log"
-	"os"
 	"strconv"
 	"syscall"
 	"time"
@@ -28,7 +27,7 @@ const (
 type filesystem struct {
 	backend   snapshot.Backend
 	instances snapshot.InstanceProvider // nil: instances/ is empty
-	stage     func() (*os.File, error)  // makes an import's staging file, see Config.Stage
+	staging   string                    // Config.StagingDir
 	readOnly  bool
 	uid, gid  uint32
 	umask     uint32
@@ -120,6 +119,11 @@ type node struct {
 // base returns the node itself, so that treeNode can be asked for it.
 func (n *node) base() *node { return n }
 
+// ioBlockSize is st_blksize: cp, cat and dd size their buffers from it
+// (at least 128 KiB), and every read or write of a FUSE file is one round
+// trip to this process, so it matches the largest request (MaxWrite).
+const ioBlockSize = 1 << 20
+
 // fillAttr sets what every node reports; size, blocks and times come from
 // the node type. Blksize must be set: go-fuse replaces st_blocks by the size
 // when it is not, and cp would then never look for holes.
@@ -128,7 +132,7 @@ func (n *node) fillAttr(a *fuse.Attr, size int64, allocated int64, mtime time.Ti
 	a.Mode = n.mode
 	a.Size = uint64(size)
 	a.Blocks = blocks(allocated)
-	a.Blksize = 4096
+	a.Blksize = ioBlockSize
 	a.Nlink = 1
 	if n.mode&syscall.S_IFMT == syscall.S_IFDIR {
 		a.Nlink = 2
@@ -159,6 +163,14 @@ func getattr(ctx context.Context, t treeNode, out *fuse.AttrOut) syscall.Errno {
 // kernel needs it for a lookup, mkdir or create.
 func newChild(ctx context.Context, parent *fusefs.Inode, child treeNode, out *fuse.EntryOut) (*fusefs.Inode, error) {
 	n := child.base()
+	// A node known already (same name, same identity) is used as it is,
+	// with what it caches (an export's size and allocation): go-fuse
+	// would keep it anyway, and drop the new one.
+	if known := parent.GetChild(n.name); known != nil && known.StableAttr().Ino == n.id.ino() {
+		if t, ok := known.Operations().(treeNode); ok {
+			child, n = t, t.base()
+		}
+	}
 	if err := child.attr(ctx, &out.Attr); err != nil {
 		return nil, err
 	}

@@ -1,13 +1,16 @@
 package fs
 
 import (
+	"bytes"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
 	"syscall"
 	"testing"
 
+	"snapfs/internal/qemutest"
 	"snapfs/snapshot"
 )
 
@@ -149,5 +152,193 @@ func copyFile(t testing.TB, from, to string) {
 	}
 	if err := os.WriteFile(to, data, 0o600); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// inodes returns the inode number of each path.
+func inodes(t testing.TB, paths ...string) []uint64 {
+	t.Helper()
+	var out []uint64
+	for _, p := range paths {
+		st, err := os.Lstat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, st.Sys().(*syscall.Stat_t).Ino)
+	}
+	return out
+}
+
+// TestInodesStable: inode numbers come from identity: the same across
+// remounts, different for a snapshot deleted and taken again under its
+// name (whose cached pages must not be served for the new one).
+func TestInodesStable(t *testing.T) {
+	store := newStore(t)
+	newVolume(t, store, "v", 4<<20, "write -P 1 0 1M")
+	rel := []string{
+		"volumes", "volumes/v", "volumes/v/head.raw", "volumes/v/info.json",
+		"volumes/v/snapshots", "volumes/v/snapshots/s", "volumes/v/snapshots/s/disk.raw",
+		"volumes/v/snapshots/s/disk.qcow2", "volumes/v/snapshots/s/meta.json",
+	}
+	paths := func(m *testMount) []string {
+		var out []string
+		for _, r := range rel {
+			out = append(out, m.path(r))
+		}
+		return out
+	}
+	m1 := mount(t, store)
+	if err := os.Mkdir(m1.path("volumes/v/snapshots/s"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	first := inodes(t, paths(m1)...)
+	m2 := mount(t, store)
+	if second := inodes(t, paths(m2)...); !slices.Equal(first, second) {
+		t.Errorf("inodes differ across mounts:\n%v\n%v", first, second)
+	}
+	seen := map[uint64]string{}
+	for i, ino := range first {
+		if other, ok := seen[ino]; ok {
+			t.Errorf("%s and %s share inode %d", rel[i], other, ino)
+		}
+		seen[ino] = rel[i]
+	}
+
+	// Taken again under the same name, with other data: new inodes, and
+	// the new data is read (not the old snapshot's cached pages).
+	old, err := os.ReadFile(m1.path("volumes/v/snapshots/s/disk.raw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(m1.path("volumes/v/snapshots/s")); err != nil {
+		t.Fatal(err)
+	}
+	writeHead(t, store, "v", "write -P 2 0 1M")
+	if err := os.Mkdir(m1.path("volumes/v/snapshots/s"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	again := inodes(t, m1.path("volumes/v/snapshots/s"), m1.path("volumes/v/snapshots/s/disk.raw"))
+	if again[0] == first[5] || again[1] == first[6] {
+		t.Errorf("a new snapshot took the inodes of a deleted one: %v, %v", again, first[5:7])
+	}
+	data, err := os.ReadFile(m1.path("volumes/v/snapshots/s/disk.raw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Equal(data, old) || data[0] != 2 {
+		t.Errorf("the new snapshot s reads the old one's data")
+	}
+}
+
+// TestHeadNotCached: head.raw shows what the head holds now, read after
+// read, and info.json what the volume is now.
+func TestHeadNotCached(t *testing.T) {
+	store := newStore(t)
+	newVolume(t, store, "v", 4<<20, "write -P 1 0 1M")
+	m := mount(t, store)
+	head := m.path("volumes/v/head.raw")
+	for i, pattern := range []byte{1, 2, 3} {
+		if i > 0 {
+			writeHead(t, store, "v", fmt.Sprintf("write -P %d 0 1M", pattern))
+		}
+		data, err := os.ReadFile(head)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(data) != 4<<20 || data[0] != pattern || data[1<<20-1] != pattern {
+			t.Fatalf("head.raw after writing %d: reads %d", pattern, data[0])
+		}
+	}
+	var info struct {
+		Snapshots []string `json:"snapshots"`
+		HeadPath  string   `json:"head_path"`
+		Size      int64    `json:"size"`
+	}
+	for _, snap := range []string{"a", "b"} {
+		if err := os.Mkdir(m.path("volumes/v/snapshots", snap), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		data, err := os.ReadFile(m.path("volumes/v/info.json"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := json.Unmarshal(data, &info); err != nil {
+			t.Fatal(err)
+		}
+		if info.Snapshots[len(info.Snapshots)-1] != snap || info.Size != 4<<20 || info.HeadPath == "" {
+			t.Errorf("info.json after snapshot %s: %s", snap, data)
+		}
+	}
+	// The head's path is one qemu-img opens, with the chain.
+	qemutest.Compare(t, info.HeadPath, head)
+}
+
+// TestInstances: an instance's disks, and its snapshots, which take every
+// disk at one point.
+func TestInstances(t *testing.T) {
+	store := newStore(t)
+	newVolume(t, store, "root", 8<<20, "write -P 0x0a 0 2M")
+	newVolume(t, store, "data", 4<<20, "write -P 0x0d 1M 1M")
+	if _, err := store.CreateInstance(t.Context(), "vm", []snapshot.Disk{{Device: "vda", Volume: "root"}, {Device: "vdb", Volume: "data"}}); err != nil {
+		t.Fatal(err)
+	}
+	m := mount(t, store)
+	if got := readDir(t, m.path("instances")); !slices.Equal(got, []string{"vm"}) {
+		t.Fatalf("instances: %v", got)
+	}
+	if got := readDir(t, m.path("instances/vm")); !slices.Equal(got, []string{"disks", "info.json", "snapshots"}) {
+		t.Fatalf("instances/vm: %v", got)
+	}
+	if target, err := os.Readlink(m.path("instances/vm/disks/vdb")); err != nil || target != "../../../volumes/data" {
+		t.Fatalf("disks/vdb -> %q, %v", target, err)
+	}
+	// The link leads to the volume.
+	if _, err := os.Stat(m.path("instances/vm/disks/vda/head.raw")); err != nil {
+		t.Fatalf("through disks/vda: %v", err)
+	}
+
+	snaps := m.path("instances/vm/snapshots")
+	if err := os.Mkdir(filepath.Join(snaps, "s1"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if got := readDir(t, filepath.Join(snaps, "s1")); !slices.Equal(got, []string{"meta.json", "vda.qcow2", "vda.raw", "vdb.qcow2", "vdb.raw"}) {
+		t.Fatalf("instance snapshot: %v", got)
+	}
+	var meta snapshot.InstanceSnapshot
+	data, err := os.ReadFile(filepath.Join(snaps, "s1", "meta.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(data, &meta); err != nil {
+		t.Fatal(err)
+	}
+	if meta.Name != "s1" || len(meta.Disks) != 2 || meta.Consistency != snapshot.CrashConsistent {
+		t.Errorf("meta.json: %s", data)
+	}
+	for _, d := range meta.Disks {
+		ref := qemutest.ConvertRawFile(t, snapshotPath(t, store, d.Volume, d.Snapshot))
+		sameContent(t, filepath.Join(snaps, "s1", d.Device+".raw"), ref)
+		qemutest.Compare(t, filepath.Join(snaps, "s1", d.Device+".qcow2"), ref)
+		// The volume's own view of the same snapshot.
+		sameContent(t, m.path("volumes", d.Volume, "snapshots", d.Snapshot, "disk.raw"), ref)
+	}
+
+	// A file of the instance snapshot open: EBUSY.
+	f, err := os.Open(filepath.Join(snaps, "s1", "vdb.raw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustFail(t, "rmdir with vdb.raw open", os.Remove(filepath.Join(snaps, "s1")), syscall.EBUSY)
+	f.Close()
+	if err := os.Remove(filepath.Join(snaps, "s1")); err != nil {
+		t.Fatal(err)
+	}
+	if got := readDir(t, snaps); len(got) != 0 {
+		t.Errorf("instance snapshots after rmdir: %v", got)
+	}
+	for _, v := range []string{"root", "data"} {
+		if got := readDir(t, m.path("volumes", v, "snapshots")); len(got) != 0 {
+			t.Errorf("volume %s keeps snapshots of a deleted instance snapshot: %v", v, got)
+		}
 	}
 }

@@ -554,3 +554,36 @@ func TestCorruptButReadable(t *testing.T) {
 		})
 	}
 }
+
+// TestDecompressBoundedMemory: a compressed cluster of a few bytes must not
+// make the decompressor allocate what its header claims. A zstd frame
+// header names a window of up to 3.75 TiB, or a content size of up to
+// 2^64-1 bytes; the decoder allocates the window before it decodes a byte.
+func TestDecompressBoundedMemory(t *testing.T) {
+	rawBlock := func(n int) []byte { // the last block of a frame, stored raw
+		h := uint32(1) | uint32(n)<<3
+		return append([]byte{byte(h), byte(h >> 8), byte(h >> 16)}, make([]byte, n)...)
+	}
+	magic := []byte{0x28, 0xb5, 0x2f, 0xfd}
+	frames := map[string][]byte{}
+	for _, wlog := range []byte{27, 29, 31, 41} { // window descriptor: exponent - 10 in the high 5 bits
+		frames[fmt.Sprintf("zstd window 2^%d", wlog)] = slices.Concat(magic, []byte{0x00, (wlog - 10) << 3}, rawBlock(16))
+	}
+	for _, size := range []uint64{1 << 30, 1 << 40, ^uint64(0)} { // single segment: the window is the content size
+		frames[fmt.Sprintf("zstd content size %d", size)] = slices.Concat(magic, []byte{0xe0}, binary.LittleEndian.AppendUint64(nil, size), rawBlock(16))
+	}
+	for name, frame := range frames {
+		t.Run(name, func(t *testing.T) {
+			var before, after runtime.MemStats
+			runtime.ReadMemStats(&before)
+			err := qcow.DefaultDecompressor(qcow.CompressionZstd, make([]byte, 64<<10), frame)
+			runtime.ReadMemStats(&after)
+			if !errors.Is(err, qcow.ErrCorrupt) {
+				t.Errorf("got %v, want ErrCorrupt", err)
+			}
+			if alloc := after.TotalAlloc - before.TotalAlloc; alloc > 16<<20 {
+				t.Errorf("a %d-byte cluster made the decompressor allocate %d bytes", len(frame), alloc)
+			}
+		})
+	}
+}

@@ -344,7 +344,9 @@ func (h *header) readBackingName(r io.ReaderAt, fileSize int64) error {
 		return corruptf("backing file name runs past the end of the file")
 	}
 	name := make([]byte, h.backingSize)
-	if _, err := r.ReadAt(name, int64(h.backingOffset)); err != nil {
+	// readFull: an empty name at the very end of the file is an empty read
+	// at EOF, which ReadAt may report as io.EOF.
+	if err := readFull(r, name, int64(h.backingOffset)); err != nil {
 		return fmt.Errorf("qcow: reading backing file name: %w", err)
 	}
 	if strings.IndexByte(string(name), 0) >= 0 {

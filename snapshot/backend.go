@@ -6,11 +6,34 @@
 // The FUSE layer (package fs) only adapts this model to files; everything
 // here can be tested without a kernel.
 //
+// # Backends
+//
+// [LocalStore] (OpenLocal) is the embedded backend: each volume a chain of
+// qcow2 files in one directory, with its metadata in one JSON file, safe
+// against kill -9 at any point and shared safely by several processes (a
+// mount and CLI commands). Its layout and lock order are described at the
+// top of local.go. [Manager] adds what works the same over any backend:
+// consistent instance snapshots (freeze, snapshot, always thaw) and holds
+// that keep open snapshots from being deleted.
+//
 // # Errors
 //
 // Backends return errors wrapping the sentinels below (ErrNotFound,
 // ErrExists, ErrBusy, ErrInvalidName, ErrReadOnly, ...) so that package fs
-// maps them to errnos in one place.
+// maps them to errnos in one place. Refused imports are [*ImportError],
+// which wraps ErrInvalid and the qcow sentinel that refused the image.
+//
+// # Concurrency
+//
+// Backends serialise the mutations of one volume and let reads run in
+// parallel with everything. An image opened from a backend keeps reading
+// the same bytes while snapshots around it are taken and deleted.
+//
+// # Crash tests
+//
+// The environment variable named by [PauseEnv] stops a mutation of the
+// local store at a named point, so that a test can kill -9 the process
+// exactly there (see pause.go).
 package snapshot
 
 import (

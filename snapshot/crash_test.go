@@ -123,7 +123,9 @@ type storeState struct {
 	instances map[string][]string // instance -> its snapshot names
 }
 
-func captureStore(t *testing.T, s *LocalStore) storeState {
+// captureStore reads the whole store; with oracle, every image is also
+// checked against qemu-img (see capture).
+func captureStore(t *testing.T, s *LocalStore, oracle bool) storeState {
 	t.Helper()
 	ctx := context.Background()
 	st := storeState{volumes: map[string]state{}, instances: map[string][]string{}}
@@ -132,7 +134,7 @@ func captureStore(t *testing.T, s *LocalStore) storeState {
 		t.Fatal(err)
 	}
 	for _, v := range vols {
-		st.volumes[v.Name] = capture(t, s, v.Name)
+		st.volumes[v.Name] = captureWith(t, s, v.Name, oracle)
 	}
 	insts, err := s.ListInstances(ctx)
 	if err != nil {
@@ -226,13 +228,16 @@ func TestCrash(t *testing.T) {
 		{op: "instance-delete", instSnap: true, after: []string{PauseInstanceDeleteMarked, PauseDeleteMerged, PauseDeleteCommitted}},
 	} {
 		t.Run(c.op, func(t *testing.T) {
+			t.Parallel()
 			// The reference states: before, and after a run that is not
-			// interrupted.
-			dir, src := crashFixture(t, c.instSnap)
-			before := captureStore(t, reopen(t, dir))
-			doneDir, _ := crashFixture(t, c.instSnap)
+			// interrupted, both judged by qemu-img. Each crash runs on a
+			// copy of the fixture (a store can be moved: it holds no
+			// absolute path).
+			fixture, src := crashFixture(t, c.instSnap)
+			before := captureStore(t, reopen(t, copyDir(t, fixture)), true)
+			doneDir := copyDir(t, fixture)
 			runChild(t, c.op, doneDir, src, "")
-			after := captureStore(t, reopen(t, doneDir))
+			after := captureStore(t, reopen(t, doneDir), true)
 			if equalStores(before, after) == "" {
 				t.Fatalf("%s changes nothing: the test tests nothing", c.op)
 			}
@@ -242,10 +247,10 @@ func TestCrash(t *testing.T) {
 				if i >= len(c.before) {
 					want, wantName = after, "after"
 				}
-				dir, _ := crashFixture(t, c.instSnap)
+				dir := copyDir(t, fixture)
 				runChild(t, c.op, dir, src, point)
 				s := reopen(t, dir)
-				got := captureStore(t, s)
+				got := captureStore(t, s, false)
 				if diff := equalStores(got, want); diff != "" {
 					t.Errorf("killed at %s: the store does not read as %s the %s: %s", point, wantName, c.op, diff)
 				}
@@ -254,13 +259,42 @@ func TestCrash(t *testing.T) {
 				if wantName == "before" {
 					// The mutation can be run again, to the end.
 					runChild(t, c.op, dir, src, "")
-					if diff := equalStores(captureStore(t, reopen(t, dir)), after); diff != "" {
+					if diff := equalStores(captureStore(t, reopen(t, dir), false), after); diff != "" {
 						t.Errorf("killed at %s, run again: the store does not read as after the %s: %s", point, c.op, diff)
 					}
 				}
 			}
 		})
 	}
+}
+
+// copyDir copies the store in dir to a new temp directory.
+func copyDir(t *testing.T, dir string) string {
+	t.Helper()
+	dst := t.TempDir()
+	err := filepath.WalkDir(dir, func(path string, d os.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(dir, path)
+		target := filepath.Join(dst, rel)
+		if d.IsDir() {
+			return os.MkdirAll(target, 0o700)
+		}
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		return os.WriteFile(target, data, info.Mode().Perm())
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dst
 }
 
 // TestPauseIsOff: without the environment variable, pauseAt returns.

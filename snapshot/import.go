@@ -3,9 +3,9 @@ package snapshot
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"strings"
-	"fmt"
 
 	"snapfs/qcow"
 )

@@ -139,7 +139,7 @@ func OpenLocalContext(ctx context.Context, dir string) (*LocalStore, error) {
 	if err != nil {
 		return nil, fmt.Errorf("snapshot: store %s: %w", abs, err)
 	}
-	if err := s.recover(ctx); err != nil {
+	if err := s.recoverStore(ctx); err != nil {
 		s.lock.Close()
 		return nil, fmt.Errorf("snapshot: store %s: %w", abs, err)
 	}
@@ -155,12 +155,12 @@ func (s *LocalStore) Name() string { return "local" }
 // Dir returns the store directory.
 func (s *LocalStore) Dir() string { return s.dir }
 
-func (s *LocalStore) metaPath() string          { return filepath.Join(s.dir, metaFile) }
+func (s *LocalStore) metaPath() string             { return filepath.Join(s.dir, metaFile) }
 func (s *LocalStore) layerPath(file string) string { return filepath.Join(s.layers, file) }
 
-// recover writes an empty store.json into a new store, sweeps what crashes
+// recoverStore writes an empty store.json into a new store, sweeps what crashes
 // left and resumes interrupted instance snapshot deletions.
-func (s *LocalStore) recover(ctx context.Context) error {
+func (s *LocalStore) recoverStore(ctx context.Context) error {
 	var pending []InstanceSnapshot
 	err := s.withMetaLock(ctx, func() error {
 		m, err := s.load()

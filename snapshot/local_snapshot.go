@@ -100,6 +100,11 @@ func (s *LocalStore) createSnapshots(ctx context.Context, volumes []string, name
 		if v.findSnapshot(name) >= 0 {
 			return nil, fmt.Errorf("%w: snapshot %q of volume %q", ErrExists, name, vol)
 		}
+		// The new chain: the new head, the old head, the layers below.
+		if depth := 2 + len(m.chainBelow(v, len(v.Layers)-1)); depth > qcow.DefaultMaxDepth {
+			return nil, fmt.Errorf("%w: volume %q would have %d layers, more than the %d a chain may have; delete a snapshot first",
+				ErrUnsupported, vol, depth, qcow.DefaultMaxDepth)
+		}
 		if err := s.headFree(vol, v); err != nil {
 			return nil, err
 		}
@@ -416,6 +421,10 @@ func (s *LocalStore) CloneVolume(ctx context.Context, name string, parent Snapsh
 	pv, pi, err := m.snapshotLayer(parent.Volume, parent.Snapshot)
 	if err != nil {
 		return Volume{}, err
+	}
+	if depth := 1 + len(m.chainBelow(pv, pi)); depth > qcow.DefaultMaxDepth {
+		return Volume{}, fmt.Errorf("%w: the clone would have %d layers, more than the %d a chain may have",
+			ErrUnsupported, depth, qcow.DefaultMaxDepth)
 	}
 	head, err := s.createFile(newLayerName(), true)
 	if err != nil {

@@ -3,8 +3,10 @@ package main
 import (
 	"fmt"
 	"io"
+	"strconv"
 	"strings"
 	"text/tabwriter"
+	"unicode"
 
 	"github.com/spf13/cobra"
 
@@ -112,7 +114,7 @@ func describeImage(path string) (*imageInfo, error) {
 // the allocation added.
 func printInfo(w io.Writer, info *imageInfo) error {
 	var b strings.Builder
-	fmt.Fprintf(&b, "image: %s\n", info.Filename)
+	fmt.Fprintf(&b, "image: %s\n", printable(info.Filename))
 	fmt.Fprintf(&b, "file format: %s\n", info.Format)
 	fmt.Fprintf(&b, "virtual size: %s (%d bytes)\n", formatSize(info.VirtualSize), info.VirtualSize)
 	fmt.Fprintf(&b, "file size: %s (%d bytes)\n", formatSize(info.FileSize), info.FileSize)
@@ -135,13 +137,13 @@ func printInfo(w io.Writer, info *imageInfo) error {
 		if len(info.Chain) > 1 {
 			actual = info.Chain[1].Name
 		}
-		fmt.Fprintf(&b, "backing file: %s (actual path: %s)\n", info.BackingFile, actual)
+		fmt.Fprintf(&b, "backing file: %s (actual path: %s)\n", printable(info.BackingFile), printable(actual))
 		if info.BackingFormat != "" {
-			fmt.Fprintf(&b, "backing file format: %s\n", info.BackingFormat)
+			fmt.Fprintf(&b, "backing file format: %s\n", printable(info.BackingFormat))
 		}
 	}
 	if info.DataFile != "" {
-		fmt.Fprintf(&b, "data file: %s\n", info.DataFile)
+		fmt.Fprintf(&b, "data file: %s\n", printable(info.DataFile))
 	}
 	if len(info.Snapshots) > 0 {
 		b.WriteString("Snapshot list:\n")
@@ -151,14 +153,14 @@ func printInfo(w io.Writer, info *imageInfo) error {
 	tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "  #\tFORMAT\tVIRTUAL SIZE\tALLOCATED\tFILE")
 	for i, l := range info.Chain {
-		fmt.Fprintf(tw, "  %d\t%s\t%s\t%s\t%s\n", i, l.Format, formatSize(l.VirtualSize), formatSize(l.AllocatedBytes), l.Name)
+		fmt.Fprintf(tw, "  %d\t%s\t%s\t%s\t%s\n", i, l.Format, formatSize(l.VirtualSize), formatSize(l.AllocatedBytes), printable(l.Name))
 	}
 	tw.Flush()
 	// Snapshots of backing layers are rare but real (a base image that
 	// was snapshotted internally before it got an overlay): list them too.
 	for i, l := range info.Chain[1:] {
 		if len(l.Snapshots) > 0 {
-			fmt.Fprintf(&b, "Snapshot list of layer %d (%s):\n", i+1, l.Name)
+			fmt.Fprintf(&b, "Snapshot list of layer %d (%s):\n", i+1, printable(l.Name))
 			writeSnapshots(&b, l.Snapshots)
 		}
 	}
@@ -171,9 +173,21 @@ func writeSnapshots(w io.Writer, snaps []qcow.SnapshotInfo) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "ID\tTAG\tVM SIZE\tDATE")
 	for _, s := range snaps {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", s.ID, s.Name, formatSize(int64(s.VMStateBytes)), s.Created.Local().Format("2006-01-02 15:04:05"))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", printable(s.ID), printable(s.Name), formatSize(int64(s.VMStateBytes)), s.Created.Local().Format("2006-01-02 15:04:05"))
 	}
 	tw.Flush()
+}
+
+// printable returns s as it is when every rune of it prints, and quoted
+// otherwise: names come from the image, and an image from elsewhere could
+// hide terminal escapes or fake lines of output in them.
+func printable(s string) string {
+	for _, r := range s {
+		if !unicode.IsPrint(r) {
+			return strconv.Quote(s)
+		}
+	}
+	return s
 }
 
 // compatLevel names a qcow2 version as qemu-img does ("compat: 1.1").

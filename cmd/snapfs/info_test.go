@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -278,6 +279,29 @@ func TestInfoHumanOutput(t *testing.T) {
 		if !regexp.MustCompile(row).MatchString(out) {
 			t.Errorf("snapfs info output has no chain row matching %s:\n%s", row, out)
 		}
+	}
+}
+
+// TestInfoQuotesHostileNames: names read from an image are data; terminal
+// escapes and newlines in them must not reach the terminal as they are.
+func TestInfoQuotesHostileNames(t *testing.T) {
+	img := qemutest.Create(t, "qcow2", filepath.Join(t.TempDir(), "evil.qcow2"), "1M")
+	evil := "evil\x1b[31mred\nimage: /etc/passwd"
+	qemutest.Img(t, "snapshot", "-c", evil, img)
+	out := mustSucceed(t, "info", img)
+	if strings.ContainsAny(out, "\x1b") || strings.Contains(out, "\nimage: /etc/passwd") {
+		t.Errorf("info printed a hostile name as it is:\n%q", out)
+	}
+	if !strings.Contains(out, strconv.Quote(evil)) {
+		t.Errorf("info does not show the name quoted:\n%s", out)
+	}
+	// JSON escapes it by itself, and keeps it exact.
+	var got jsonInfo
+	if err := json.Unmarshal([]byte(mustSucceed(t, "info", "--json", img)), &got); err != nil {
+		t.Fatal(err)
+	}
+	if len(got.Snapshots) != 1 || got.Snapshots[0].Name != evil {
+		t.Errorf("snapshots %+v, want one named %q", got.Snapshots, evil)
 	}
 }
 

@@ -15,9 +15,10 @@
 //
 // # Signals
 //
-// SIGINT and SIGTERM cancel the context that every command gets from
-// cmd.Context(): long operations stop, clean up (no partial output is left
-// behind) and return context.Canceled.
+// The first SIGINT or SIGTERM cancels the context that every command gets
+// from cmd.Context(): long operations stop, clean up (no partial output is
+// left behind) and return context.Canceled. A second one kills the process,
+// unless the command catches signals itself (mount does).
 package main
 
 import (
@@ -30,6 +31,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"unicode"
 
 	"github.com/spf13/cobra"
 )
@@ -61,6 +63,12 @@ func init() {
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	go func() {
+		// After the first signal, the next one kills at once (the
+		// default), for an operation that is slow to stop.
+		<-ctx.Done()
+		stop()
+	}()
 	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	stop()
 	os.Exit(code)
@@ -139,7 +147,9 @@ func inFile(path string, err error) error {
 }
 
 // errorLine renders err as the single line snapfs prints on failure. Any
-// newline inside the message is folded so the promise of one line holds.
+// newline inside the message is folded so the promise of one line holds,
+// and other control characters (an image can put terminal escapes in the
+// names that errors quote) become '?'.
 func errorLine(err error) string {
 	msg := err.Error()
 	if errors.Is(err, context.Canceled) {
@@ -150,5 +160,11 @@ func errorLine(err error) string {
 		}
 	}
 	msg = strings.Join(strings.Fields(strings.ReplaceAll(msg, "\n", "; ")), " ")
+	msg = strings.Map(func(r rune) rune {
+		if !unicode.IsPrint(r) {
+			return '?'
+		}
+		return r
+	}, msg)
 	return "snapfs: " + msg
 }

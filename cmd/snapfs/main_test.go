@@ -147,6 +147,7 @@ func TestErrorLine(t *testing.T) {
 		// A problem already tied to a file keeps its file.
 		{"nested", inFile("outer", inFile("inner", errors.New("p"))), "snapfs: inner: p"},
 		{"newlines folded", errors.New("line one\nline two"), "snapfs: line one; line two"},
+		{"escapes defused", errors.New("backing \x1b[2Jfile\r\x07"), "snapfs: backing ?[2Jfile ?"},
 		{"interrupted", inFile("out.raw", fmt.Errorf("copy: %w", context.Canceled)), "snapfs: out.raw: interrupted"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

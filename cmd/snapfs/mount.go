@@ -7,6 +7,7 @@ import (
 	"log"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"syscall"
 	"time"
@@ -94,6 +95,8 @@ func runMount(cmd *cobra.Command, args []string) error {
 		UID:        mountFlags.uid,
 		GID:        mountFlags.gid,
 		Umask:      uint32(umask),
+		// In the store, so that a crash's leftovers are found again.
+		StagingDir: filepath.Join(store.Dir(), "staging"),
 		Debug:      mountFlags.debug,
 		Logger:     log.New(stderr, "", log.LstdFlags),
 	})

@@ -1,0 +1,229 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"math"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/spf13/cobra"
+
+	"snapfs/snapshot"
+)
+
+// storeFlags are the flags every store command takes (volume, snapshot,
+// instance): one process runs one command, so they share the variables.
+var storeFlags struct {
+	dir  string
+	json bool
+}
+
+// addStoreFlags gives a command group --store and --json, for all of its
+// subcommands.
+func addStoreFlags(group *cobra.Command) {
+	f := group.PersistentFlags()
+	f.StringVar(&storeFlags.dir, "store", "", "store directory (default "+snapshot.DefaultStoreDir()+")")
+	f.BoolVar(&storeFlags.json, "json", false, "print JSON instead of text")
+}
+
+// openStore opens the store of --store, or the default one.
+func openStore(ctx context.Context) (*snapshot.LocalStore, error) {
+	dir := storeFlags.dir
+	if dir == "" {
+		dir = snapshot.DefaultStoreDir()
+	}
+	return snapshot.OpenLocalContext(ctx, dir)
+}
+
+// withStore runs fn on the opened store and closes it.
+func withStore(cmd *cobra.Command, fn func(ctx context.Context, s *snapshot.LocalStore) error) error {
+	s, err := openStore(cmd.Context())
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	return fn(cmd.Context(), s)
+}
+
+// volumeCmd is `snapfs volume`: the volumes of the store.
+var volumeCmd = &cobra.Command{
+	Use:   "volume",
+	Short: "Create, list, import and delete volumes",
+	Long: `A volume is a disk image with a chain of snapshots. In the local store it is
+a chain of qcow2 files: read-only snapshot layers under a writable head, whose
+path (head_path) a VM or qemu-io can open.`,
+	Args: cobra.NoArgs,
+}
+
+var volumeCreateCmd = &cobra.Command{
+	Use:   "create [--store DIR] [--json] NAME SIZE",
+	Short: "Create an empty volume",
+	Long: `create makes an empty volume of SIZE bytes. SIZE takes the suffixes of qemu-img
+(k, M, G, T, P, binary: 10G is 10 GiB) and is rounded up to 512 bytes.`,
+	Args:                  exactArgs(2),
+	DisableFlagsInUseLine: true,
+	RunE: func(cmd *cobra.Command, args []string) error {
+		size, err := parseSize(args[1])
+		if err != nil {
+			return usageError{err}
+		}
+		return withStore(cmd, func(ctx context.Context, s *snapshot.LocalStore) error {
+			v, err := s.CreateVolume(ctx, args[0], size)
+			if err != nil {
+				return err
+			}
+			return printVolume(cmd.OutOrStdout(), v)
+		})
+	},
+}
+
+var volumeListCmd = &cobra.Command{
+	Use:                   "list [--store DIR] [--json]",
+	Short:                 "List the volumes",
+	Args:                  exactArgs(0),
+	DisableFlagsInUseLine: true,
+	RunE: func(cmd *cobra.Command, args []string) error {
+		return withStore(cmd, func(ctx context.Context, s *snapshot.LocalStore) error {
+			vols, err := s.ListVolumes(ctx)
+			if err != nil {
+				return err
+			}
+			if storeFlags.json {
+				return writeJSON(cmd.OutOrStdout(), vols)
+			}
+			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 0, 2, ' ', 0)
+			fmt.Fprintln(w, "NAME\tSIZE\tUSED\tSNAPSHOTS\tPARENT\tHEAD")
+			for _, v := range vols {
+				snaps, err := s.ListSnapshots(ctx, v.Name)
+				if err != nil {
+					return err
+				}
+				parent := ""
+				if v.Parent != nil {
+					parent = v.Parent.Volume + "@" + v.Parent.Snapshot
+				}
+				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t%s\n", v.Name, formatSize(v.Size), formatSize(v.BytesUsed), len(snaps), parent, v.HeadPath)
+			}
+			return w.Flush()
+		})
+	},
+}
+
+var volumeDeleteCmd = &cobra.Command{
+	Use:   "delete [--store DIR] NAME",
+	Short: "Delete a volume and all its snapshots",
+	Long: `delete removes a volume with its snapshots. It is refused while an instance
+uses the volume, a clone reads through one of its snapshots, or qemu has its
+head open.`,
+	Args:                  exactArgs(1),
+	DisableFlagsInUseLine: true,
+	RunE: func(cmd *cobra.Command, args []string) error {
+		return withStore(cmd, func(ctx context.Context, s *snapshot.LocalStore) error {
+			return s.DeleteVolume(ctx, args[0])
+		})
+	},
+}
+
+var importMeta []string
+
+var volumeImportCmd = &cobra.Command{
+	Use:   "import [--store DIR] [--json] [--meta KEY=VALUE]... FILE NAME",
+	Short: "Import a raw or qcow2 image as a new volume",
+	Long: `import copies FILE into the store as volume NAME. The format is detected from
+the content, never the name. A qcow2 is treated as hostile: backing files,
+external data files, encryption, unknown features and impossible sizes are
+refused (flatten such an image first: qemu-img convert -O qcow2 IN OUT). Raw
+is taken as it is.
+
+The volume appears only once the copy is complete and on disk; on any error
+or Ctrl-C nothing is left behind.`,
+	Args:                  exactArgs(2),
+	DisableFlagsInUseLine: true,
+	RunE: func(cmd *cobra.Command, args []string) error {
+		file, name := args[0], args[1]
+		meta, err := parseMeta(importMeta)
+		if err != nil {
+			return err
+		}
+		img, err := snapshot.OpenUntrusted(file)
+		if err != nil {
+			return inFile(file, err)
+		}
+		defer img.Close()
+		return withStore(cmd, func(ctx context.Context, s *snapshot.LocalStore) error {
+			bar := newProgress(name)
+			v, err := s.ImportVolume(snapshot.WithProgress(ctx, bar.Update), name, img, meta)
+			bar.Finish()
+			if err != nil {
+				return inFile(file, err)
+			}
+			return printVolume(cmd.OutOrStdout(), v)
+		})
+	},
+}
+
+func init() {
+	addStoreFlags(volumeCmd)
+	volumeImportCmd.Flags().StringArrayVar(&importMeta, "meta", nil, "user metadata to keep with the volume (repeatable)")
+	volumeCmd.AddCommand(volumeCreateCmd, volumeListCmd, volumeDeleteCmd, volumeImportCmd)
+	rootCmd.AddCommand(volumeCmd)
+}
+
+// printVolume prints a volume that was just made: JSON, or one line.
+func printVolume(w io.Writer, v snapshot.Volume) error {
+	if storeFlags.json {
+		return writeJSON(w, v)
+	}
+	_, err := fmt.Fprintf(w, "volume %s: %s, head %s\n", v.Name, formatSize(v.Size), v.HeadPath)
+	return err
+}
+
+// parseSize reads a size as qemu-img does: bytes, or a number with a
+// binary suffix (k/K, M, G, T, P, E, optionally followed by "B" or "iB").
+func parseSize(s string) (int64, error) {
+	num := strings.TrimSuffix(strings.TrimSuffix(s, "iB"), "B")
+	if num != s && num == "" {
+		return 0, fmt.Errorf("size %q: want a number, like 10G", s)
+	}
+	shift := 0
+	if n := len(num); n > 0 {
+		if i := strings.IndexByte("kmgtpe", lower(num[n-1])); i >= 0 {
+			shift, num = 10*(i+1), num[:n-1]
+		}
+	}
+	v, err := strconv.ParseFloat(num, 64)
+	if err != nil || v < 0 || math.IsNaN(v) {
+		return 0, fmt.Errorf("size %q: want a number of bytes with an optional k, M, G, T suffix, like 10G", s)
+	}
+	bytes := v * math.Pow(2, float64(shift))
+	if bytes >= math.MaxInt64 {
+		return 0, fmt.Errorf("size %q is too big", s)
+	}
+	return int64(math.Ceil(bytes)), nil
+}
+
+func lower(b byte) byte {
+	if b >= 'A' && b <= 'Z' {
+		return b + 'a' - 'A'
+	}
+	return b
+}
+
+// parseMeta turns KEY=VALUE flags into a map.
+func parseMeta(pairs []string) (map[string]string, error) {
+	if len(pairs) == 0 {
+		return nil, nil
+	}
+	meta := map[string]string{}
+	for _, p := range pairs {
+		k, v, ok := strings.Cut(p, "=")
+		if !ok || k == "" {
+			return nil, usageError{fmt.Errorf("--meta %q: want KEY=VALUE", p)}
+		}
+		meta[k] = v
+	}
+	return meta, nil
+}

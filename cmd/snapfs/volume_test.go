@@ -1,0 +1,164 @@
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"snapfs/internal/qemutest"
+	"snapfs/snapshot"
+)
+
+// decode parses the --json output of a command into v.
+func decode(t *testing.T, out string, v any) {
+	t.Helper()
+	if err := json.Unmarshal([]byte(out), v); err != nil {
+		t.Fatalf("not JSON: %v\n%s", err, out)
+	}
+}
+
+// TestStoreCommands walks the store commands as a script would: volumes,
+// snapshots, instances, import, with --json, judged by qemu-img.
+func TestStoreCommands(t *testing.T) {
+	store := filepath.Join(t.TempDir(), "store")
+	dir := t.TempDir()
+	st := "--store=" + store
+
+	var vol snapshot.Volume
+	decode(t, mustSucceed(t, "volume", "create", st, "--json", "vm", "4M"), &vol)
+	if vol.Name != "vm" || vol.Size != 4<<20 || vol.HeadPath == "" {
+		t.Fatalf("created %+v", vol)
+	}
+	if fi, err := os.Stat(store); err != nil || fi.Mode().Perm() != 0o700 {
+		t.Fatalf("store directory: %v %v", fi.Mode(), err)
+	}
+	qemutest.IO(t, vol.HeadPath, "write -P 0x11 0 1M")
+	before := qemutest.ConvertRaw(t, vol.HeadPath)
+
+	var snap snapshot.Snapshot
+	decode(t, mustSucceed(t, "snapshot", "create", st, "--json", "--meta", "reason=test", "vm@s1"), &snap)
+	if snap.Name != "s1" || snap.Volume != "vm" || snap.Metadata["reason"] != "test" {
+		t.Fatalf("snapshot %+v", snap)
+	}
+	if got := qemutest.ConvertRaw(t, snap.Path); string(got) != string(before) {
+		t.Fatal("the snapshot layer does not read as the head did")
+	}
+	var vols []snapshot.Volume
+	decode(t, mustSucceed(t, "volume", "list", st, "--json"), &vols)
+	if len(vols) != 1 || len(vols[0].Chain) != 2 {
+		t.Fatalf("volumes %+v", vols)
+	}
+	qemutest.IO(t, vols[0].HeadPath, "write -P 0x22 512k 1M")
+	out := mustSucceed(t, "snapshot", "create", st, "vm", "s2")
+	if !strings.Contains(out, "vm@s2") {
+		t.Errorf("snapshot create says %q", out)
+	}
+	var snaps []snapshot.Snapshot
+	decode(t, mustSucceed(t, "snapshot", "list", st, "--json", "vm"), &snaps)
+	if len(snaps) != 2 || snaps[1].Parent != "s1" {
+		t.Fatalf("snapshots %+v", snaps)
+	}
+	s2 := qemutest.ConvertRaw(t, snaps[1].Path)
+	mustSucceed(t, "snapshot", "delete", st, "vm@s1")
+	decode(t, mustSucceed(t, "snapshot", "list", st, "--json"), &snaps)
+	if len(snaps) != 1 || snaps[0].Name != "s2" {
+		t.Fatalf("after delete: %+v", snaps)
+	}
+	if got := qemutest.ConvertRaw(t, snaps[0].Path); string(got) != string(s2) {
+		t.Fatal("s2 reads differently after s1 was deleted")
+	}
+	text := mustSucceed(t, "snapshot", "list", st)
+	if !strings.Contains(text, "vm@s2") || !strings.Contains(text, "crash-consistent") {
+		t.Errorf("snapshot list:\n%s", text)
+	}
+
+	// Import: raw and qcow2, detected by content.
+	raw := filepath.Join(dir, "disk.img")
+	qemutest.Create(t, "raw", raw, "3M")
+	qemutest.IO(t, raw, "write -P 0x33 1M 64k")
+	decode(t, mustSucceed(t, "volume", "import", st, "--json", "--meta", "from=raw", raw, "imported"), &vol)
+	qemutest.Compare(t, vol.HeadPath, raw)
+	if vol.Metadata["from"] != "raw" {
+		t.Errorf("imported %+v", vol)
+	}
+	bad := qemutest.Create(t, "qcow2", filepath.Join(dir, "bad.qcow2"), "1M", "-u", "-b", "/etc/passwd", "-F", "raw")
+	mustFailWith(t, []string{"volume", "import", st, bad, "bad"}, bad, `backing file ("/etc/passwd")`, "flatten it first")
+	mustFailWith(t, []string{"volume", "import", st, raw, "imported"}, "already exists")
+
+	// Instances.
+	mustSucceed(t, "volume", "create", st, "data", "1M")
+	mustFailWith(t, []string{"instance", "create", st, "inst"}, "--disk")
+	mustFailWith(t, []string{"instance", "create", st, "inst", "--disk", "vda"}, "DEVICE=VOLUME")
+	mustFailWith(t, []string{"instance", "create", st, "inst", "--disk", "vda=nope"}, "not found", "nope")
+	var in snapshot.Instance
+	decode(t, mustSucceed(t, "instance", "create", st, "--json", "inst", "--disk", "vda=vm", "--disk", "vdb=data"), &in)
+	if !slices.Equal(in.Disks, []snapshot.Disk{{Device: "vda", Volume: "vm"}, {Device: "vdb", Volume: "data"}}) {
+		t.Fatalf("instance %+v", in)
+	}
+	var isnap snapshot.InstanceSnapshot
+	decode(t, mustSucceed(t, "instance", "snapshot", st, "--json", "inst", "backup1"), &isnap)
+	if isnap.Consistency != snapshot.CrashConsistent || len(isnap.Disks) != 2 {
+		t.Fatalf("instance snapshot %+v", isnap)
+	}
+	var listing []struct {
+		Name      string                      `json:"name"`
+		Snapshots []snapshot.InstanceSnapshot `json:"snapshots"`
+	}
+	decode(t, mustSucceed(t, "instance", "list", st, "--json"), &listing)
+	if len(listing) != 1 || len(listing[0].Snapshots) != 1 {
+		t.Fatalf("instance list %+v", listing)
+	}
+	mustFailWith(t, []string{"snapshot", "delete", st, "data@backup1"}, "instance snapshot inst/backup1")
+	mustFailWith(t, []string{"volume", "delete", st, "data"}, "instance inst")
+	mustSucceed(t, "instance", "delete-snapshot", st, "inst", "backup1")
+	mustSucceed(t, "instance", "delete", st, "inst")
+	mustSucceed(t, "volume", "delete", st, "data")
+	mustFailWith(t, []string{"volume", "delete", st, "data"}, "not found")
+	decode(t, mustSucceed(t, "volume", "list", st, "--json"), &vols)
+	if len(vols) != 2 {
+		t.Fatalf("volumes left: %+v", vols)
+	}
+}
+
+func TestStoreUsageErrors(t *testing.T) {
+	st := "--store=" + filepath.Join(t.TempDir(), "store")
+	for _, tc := range []struct {
+		args []string
+		want []string
+	}{
+		{[]string{"volume", "create", st, "v"}, []string{"usage: snapfs volume create"}},
+		{[]string{"volume", "create", st, "v", "ten"}, []string{`size "ten"`}},
+		{[]string{"volume", "create", st, "a/b", "1M"}, []string{"invalid name", "a/b"}},
+		{[]string{"volume", "create", st, "v", "0"}, []string{"size 0"}},
+		{[]string{"snapshot", "create", st, "novolume"}, []string{"usage: snapfs snapshot create"}},
+		{[]string{"snapshot", "create", st, "nope@s"}, []string{"not found", "nope"}},
+		{[]string{"snapshot", "create", st, "--meta", "novalue", "v@s"}, []string{"KEY=VALUE"}},
+		{[]string{"volume", "import", st, "/nonexistent.img", "x"}, []string{"/nonexistent.img", "no such file"}},
+	} {
+		t.Run(strings.Join(tc.args[2:], " "), func(t *testing.T) {
+			mustFailWith(t, tc.args, tc.want...)
+		})
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want int64
+	}{
+		{"4096", 4096}, {"1k", 1024}, {"1K", 1024}, {"10M", 10 << 20}, {"10MiB", 10 << 20}, {"2G", 2 << 30},
+		{"2GB", 2 << 30}, {"1.5G", 3 << 29}, {"1T", 1 << 40}, {"64T", 64 << 40}, {"1P", 1 << 50},
+	} {
+		if got, err := parseSize(tc.in); err != nil || got != tc.want {
+			t.Errorf("parseSize(%q) = %d, %v; want %d", tc.in, got, err, tc.want)
+		}
+	}
+	for _, bad := range []string{"", "G", "B", "iB", "-1", "1X", "abc", "NaN", "1e30", "9E"} {
+		if got, err := parseSize(bad); err == nil {
+			t.Errorf("parseSize(%q) = %d, want an error", bad, got)
+		}
+	}
+}

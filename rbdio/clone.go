@@ -1,0 +1,292 @@
+//go:build ceph && cgo
+
+package rbdio
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"syscall"
+
+	"github.com/ceph/go-ceph/rbd"
+
+	"snapfs/snapshot"
+)
+
+// Clone creates volume newName, in this pool, as a copy-on-write clone of
+// snapshot snap of volume vol: see CloneInto.
+func (p *Pool) Clone(ctx context.Context, vol, snap, newName string) (snapshot.Volume, error) {
+	return p.CloneInto(ctx, vol, snap, p, newName)
+}
+
+// CloneInto creates volume newName in pool dst (this pool or another of the
+// same cluster) as a copy-on-write clone of snapshot snap of volume vol
+// (rbd clone): O(1), it reads through the snapshot until written. The
+// clone is of format 2 (the snapshot need not be protected) when the
+// cluster's require_min_compat_client is mimic or later; otherwise the
+// snapshot is protected first and the clone is of format 1, which every
+// client reads.
+func (p *Pool) CloneInto(ctx context.Context, vol, snap string, dst *Pool, newName string) (snapshot.Volume, error) {
+	if err := lookupName(vol); err != nil {
+		return snapshot.Volume{}, err
+	}
+	if err := snapshot.CheckVolumeName(newName); err != nil {
+		return snapshot.Volume{}, err
+	}
+	if dst.cluster != p.cluster {
+		return snapshot.Volume{}, fmt.Errorf("%w: clone across clusters", snapshot.ErrUnsupported)
+	}
+	// The source first, then the destination: the same order whichever
+	// pool clones into which, except that two pools lock independently.
+	release, err := p.lockVolumes(ctx, vol)
+	if err != nil {
+		return snapshot.Volume{}, err
+	}
+	defer release()
+	if dst != p || newName != vol {
+		releaseDst, err := dst.lockVolumes(ctx, newName)
+		if err != nil {
+			return snapshot.Volume{}, err
+		}
+		defer releaseDst()
+	}
+	if img, err := dst.openImage(newName, "", false); err == nil {
+		img.Close()
+		return snapshot.Volume{}, fmt.Errorf("%w: volume %q", snapshot.ErrExists, newName)
+	} else if !errors.Is(err, snapshot.ErrNotFound) {
+		return snapshot.Volume{}, err
+	}
+	format, err := p.cluster.cloneFormat()
+	if err != nil {
+		return snapshot.Volume{}, err
+	}
+	parent, err := p.openImage(vol, "", format == 1)
+	if err != nil {
+		return snapshot.Volume{}, err
+	}
+	_, err = parent.GetSnapID(snap)
+	if errnoOf(err) == syscall.ENOENT {
+		err = fmt.Errorf("%w: snapshot %q of volume %q", snapshot.ErrNotFound, snap, vol)
+	} else {
+		err = wrap("snap info "+p.spec(vol)+"@"+snap, err)
+	}
+	if err == nil && format == 1 {
+		err = protect(parent.GetSnapshot(snap), p.spec(vol)+"@"+snap)
+	}
+	parent.Close()
+	if err != nil {
+		return snapshot.Volume{}, err
+	}
+	opts := rbd.NewRbdImageOptions()
+	defer opts.Destroy()
+	if err := opts.SetUint64(rbd.ImageOptionCloneFormat, format); err != nil {
+		return snapshot.Volume{}, wrap("clone options", err)
+	}
+	err = rbd.CloneImage(p.ioctx, vol, snap, dst.ioctx, newName, opts)
+	if errnoOf(err) == syscall.EEXIST {
+		return snapshot.Volume{}, fmt.Errorf("%w: volume %q", snapshot.ErrExists, newName)
+	}
+	if err != nil {
+		return snapshot.Volume{}, wrap(fmt.Sprintf("clone %s@%s %s", p.spec(vol), snap, dst.spec(newName)), err)
+	}
+	// rbd clone copies the parent's image-meta: its snapfs records would be
+	// ignored (they name the parent's id) but only clutter the clone.
+	if img, err := dst.openImage(newName, "", true); err == nil {
+		dropInherited(img)
+		img.Close()
+	}
+	return dst.Volume(ctx, newName)
+}
+
+// protect protects snap unless it is already.
+func protect(snap *rbd.Snapshot, what string) error {
+	ok, err := snap.IsProtected()
+	if err != nil {
+		return wrap("snap info "+what, err)
+	}
+	if ok {
+		return nil
+	}
+	return wrap("snap protect "+what, snap.Protect())
+}
+
+// releases orders the Ceph releases require_min_compat_client names.
+var releases = []string{"argonaut", "bobtail", "cuttlefish", "dumpling", "emperor", "firefly", "giant",
+	"hammer", "infernalis", "jewel", "kraken", "luminous", "mimic", "nautilus", "octopus", "pacific",
+	"quincy", "reef", "squid", "tentacle"}
+
+// cloneFormat returns 2 when every client the cluster admits reads clone
+// v2 (require_min_compat_client mimic or later), else 1.
+func (c *Cluster) cloneFormat() (uint64, error) {
+	out, _, err := c.conn.MonCommand([]byte(`{"prefix": "osd dump", "format": "json"}`))
+	if err != nil {
+		return 0, wrap("osd dump", err)
+	}
+	var dump struct {
+		RequireMinCompatClient string `json:"require_min_compat_client"`
+	}
+	if err := json.Unmarshal(out, &dump); err != nil {
+		return 0, fmt.Errorf("rbdio: osd dump: %w", err)
+	}
+	if slices.Index(releases, dump.RequireMinCompatClient) >= slices.Index(releases, "mimic") {
+		return 2, nil
+	}
+	return 1, nil
+}
+
+// Flatten copies into volume vol, a clone, everything it still reads from
+// its parent, then cuts the link (rbd flatten). progress (may be nil) is
+// called with the objects done out of the total. It is safe to interrupt
+// (ctx, or a kill): objects copied stay, and the next Flatten goes on. A
+// volume without a parent is left as it is.
+func (p *Pool) Flatten(ctx context.Context, vol string, progress func(done, total int64)) error {
+	if err := lookupName(vol); err != nil {
+		return err
+	}
+	release, err := p.lockVolumes(ctx, vol)
+	if err != nil {
+		return err
+	}
+	defer release()
+	img, err := p.openImage(vol, "", false)
+	if err != nil {
+		return err
+	}
+	pr, err := parentOf(img)
+	img.Close()
+	if err != nil || pr == nil {
+		return err
+	}
+	err = flattenImage(ctx, p.ioctx, vol, progress)
+	if errors.Is(err, syscall.ECANCELED) && ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return wrap("flatten "+p.spec(vol), err)
+}
+
+// Revert makes the head of volume vol read as snapshot snap again (rbd snap
+// rollback); every snapshot is kept. The context's progress function
+// (snapshot.WithProgress) sees the objects done. ErrBusy while another
+// client (a VM) has the image open: rolling back under a running guest
+// would corrupt it. A revert interrupted by a crash is recorded in the
+// image's metadata and finished by the next access to the volume through
+// snapfs; one cancelled through ctx is finished likewise.
+func (p *Pool) Revert(ctx context.Context, vol, snap string) error {
+	if err := lookupName(vol); err != nil {
+		return err
+	}
+	release, err := p.lockVolumes(ctx, vol)
+	if err != nil {
+		return err
+	}
+	defer release()
+	img, err := p.openImage(vol, "", true)
+	if err != nil {
+		return err
+	}
+	err = p.checkUnused(img, vol)
+	var id string
+	var sid uint64
+	if err == nil {
+		id, err = img.GetId()
+		err = wrap("info "+p.spec(vol), err)
+	}
+	if err == nil {
+		sid, err = img.GetSnapID(snap)
+		if errnoOf(err) == syscall.ENOENT {
+			err = fmt.Errorf("%w: snapshot %q of volume %q", snapshot.ErrNotFound, snap, vol)
+		} else {
+			err = wrap("snap info "+p.spec(vol)+"@"+snap, err)
+		}
+	}
+	if err == nil {
+		err = setMeta(img, metaRevertKey, revertMeta{Image: id, Snapshot: snap, SnapID: sid})
+	}
+	// Our own handle would hold the exclusive lock that the rollback's
+	// handle needs: close it first.
+	img.Close()
+	if err != nil {
+		return err
+	}
+	return p.rollback(ctx, vol, snap)
+}
+
+// rollback runs the rollback recorded in vol's metadata and then drops
+// the record. The caller holds vol's lock and no read-write handle.
+func (p *Pool) rollback(ctx context.Context, vol, snap string) error {
+	err := rollbackImage(ctx, p.ioctx, vol, snap, snapshot.ProgressFrom(ctx))
+	if errors.Is(err, syscall.ECANCELED) && ctx.Err() != nil {
+		return ctx.Err()
+	}
+	if err != nil {
+		return wrap("snap rollback "+p.spec(vol)+"@"+snap, err)
+	}
+	img, err := p.openImage(vol, "", true)
+	if err != nil {
+		return err
+	}
+	defer img.Close()
+	return wrap("image-meta remove "+p.spec(vol), img.RemoveMetadata(metaRevertKey))
+}
+
+// pendingRevert returns the revert recorded in vol's metadata, or nil.
+func (p *Pool) pendingRevert(vol string) (*revertMeta, error) {
+	img, err := p.openImage(vol, "", false)
+	if err != nil {
+		return nil, err
+	}
+	defer img.Close()
+	id, err := img.GetId()
+	if err != nil {
+		return nil, wrap("info "+p.spec(vol), err)
+	}
+	meta, err := readMeta(img, id)
+	return meta.revert, err
+}
+
+// finishRevertLocked finishes a revert of vol that was interrupted, so
+// that nobody sees a half-reverted head. The caller holds vol's lock and
+// no read-write handle on it.
+func (p *Pool) finishRevertLocked(ctx context.Context, vol string) error {
+	rm, err := p.pendingRevert(vol)
+	if err != nil || rm == nil {
+		return err
+	}
+	img, err := p.openImage(vol, "", false)
+	if err != nil {
+		return err
+	}
+	sid, serr := img.GetSnapID(rm.Snapshot)
+	err = p.checkUnused(img, vol)
+	img.Close()
+	if serr != nil || sid != rm.SnapID {
+		// The snapshot is gone, or is another one now: nothing to finish.
+		img, err := p.openImage(vol, "", true)
+		if err != nil {
+			return err
+		}
+		defer img.Close()
+		return wrap("image-meta remove "+p.spec(vol), img.RemoveMetadata(metaRevertKey))
+	}
+	if err != nil {
+		return fmt.Errorf("an interrupted revert of volume %q to %q must finish first: %w", vol, rm.Snapshot, err)
+	}
+	return p.rollback(ctx, vol, rm.Snapshot)
+}
+
+// finishRevertByName is finishRevertLocked for a reader: it takes the lock
+// only when a revert is pending.
+func (p *Pool) finishRevertByName(ctx context.Context, vol string) error {
+	rm, err := p.pendingRevert(vol)
+	if err != nil || rm == nil {
+		return err
+	}
+	release, err := p.lockVolumes(ctx, vol)
+	if err != nil {
+		return err
+	}
+	defer release()
+	return p.finishRevertLocked(ctx, vol)
+}

@@ -1,0 +1,207 @@
+//go:build ceph && cgo
+
+package rbdio
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/ceph/go-ceph/rados"
+)
+
+// DefaultTimeout bounds every request to the cluster when Config.Timeout
+// is 0: long enough for a busy cluster, short enough that a dead one shows
+// as an error rather than a hung mount.
+const DefaultTimeout = 30 * time.Second
+
+// Config says how to reach the cluster.
+type Config struct {
+	// CephConf is the ceph.conf to read; "" lets librados search
+	// ($CEPH_CONF, /etc/ceph/ceph.conf, ~/.ceph/config, ./ceph.conf).
+	CephConf string
+	// ID is the client id, without "client." ("" is "admin").
+	ID string
+	// Keyring overrides the keyring of ceph.conf ("" keeps it).
+	Keyring string
+	// Pools are the pools to open, in order; at least one.
+	Pools []string
+	// Timeout bounds each request to the monitors and the OSDs, and the
+	// connection itself (DefaultTimeout if 0).
+	Timeout time.Duration
+}
+
+// Cluster is a connection to a Ceph cluster and the pools opened on it.
+// It is safe for concurrent use.
+type Cluster struct {
+	conn    *rados.Conn
+	timeout time.Duration
+	pools   []*Pool // the configured pools, in order
+
+	mu     sync.Mutex                   // protects ioctxs
+	ioctxs map[string]*rados.IOContext // by "pool/namespace", for clone parents
+	closed bool
+}
+
+// Open connects to the cluster and opens every pool of cfg, each as a
+// [snapshot.Backend]. An unreachable cluster gives an error wrapping
+// ErrTimeout within about cfg.Timeout; a missing ceph.conf, keyring or
+// pool one wrapping ErrConfig.
+func Open(cfg Config) (*Cluster, error) {
+	if len(cfg.Pools) == 0 {
+		return nil, fmt.Errorf("%w: no pool given", ErrConfig)
+	}
+	seen := map[string]bool{}
+	for _, p := range cfg.Pools {
+		if p == "" || seen[p] {
+			return nil, fmt.Errorf("%w: pool list %q: empty or repeated name", ErrConfig, cfg.Pools)
+		}
+		seen[p] = true
+	}
+	if cfg.ID == "" {
+		cfg.ID = "admin"
+	}
+	if cfg.Timeout == 0 {
+		cfg.Timeout = DefaultTimeout
+	}
+	if cfg.Timeout < 0 {
+		return nil, fmt.Errorf("%w: negative timeout %v", ErrConfig, cfg.Timeout)
+	}
+	conn, err := rados.NewConnWithUser(cfg.ID)
+	if err != nil {
+		return nil, fmt.Errorf("%w: client %q: %v", ErrConfig, cfg.ID, err)
+	}
+	if err := configure(conn, cfg); err != nil {
+		conn.Shutdown()
+		return nil, err
+	}
+	if err := conn.Connect(); err != nil {
+		conn.Shutdown()
+		err = wrap("connect", err)
+		if !errors.Is(err, ErrTimeout) {
+			err = fmt.Errorf("%w: connecting as client.%s: %w", ErrConfig, cfg.ID, err)
+		}
+		return nil, err
+	}
+	c := &Cluster{conn: conn, timeout: cfg.Timeout, ioctxs: map[string]*rados.IOContext{}}
+	for _, name := range cfg.Pools {
+		ioctx, err := c.ioctx(name, "")
+		if err != nil {
+			c.Close()
+			return nil, err
+		}
+		p := &Pool{cluster: c, name: name, ioctx: ioctx}
+		c.pools = append(c.pools, p)
+	}
+	for _, p := range c.pools {
+		p.sweep()
+	}
+	return c, nil
+}
+
+// configure reads the configuration and sets the timeouts, which win over
+// ceph.conf: a hung mount is worse than an error.
+func configure(conn *rados.Conn, cfg Config) error {
+	var err error
+	if cfg.CephConf != "" {
+		err = conn.ReadConfigFile(cfg.CephConf)
+	} else {
+		err = conn.ReadDefaultConfigFile()
+	}
+	if err != nil {
+		where := cfg.CephConf
+		if where == "" {
+			where = "$CEPH_CONF, /etc/ceph/ceph.conf, ~/.ceph/config or ./ceph.conf"
+		}
+		return fmt.Errorf("%w: reading %s: %v", ErrConfig, where, err)
+	}
+	// CEPH_ARGS, as every Ceph tool honours it.
+	if err := conn.ParseDefaultConfigEnv(); err != nil {
+		return fmt.Errorf("%w: CEPH_ARGS: %v", ErrConfig, err)
+	}
+	secs := strconv.Itoa(int(math.Ceil(cfg.Timeout.Seconds())))
+	opts := [][2]string{
+		{"rados_osd_op_timeout", secs},
+		{"rados_mon_op_timeout", secs},
+		{"client_mount_timeout", secs},
+		// librbd's own complaints go to the client log, not to the
+		// terminal of the mount: the errors we return say what failed.
+		{"err_to_stderr", "false"},
+		{"log_to_stderr", "false"},
+	}
+	if cfg.Keyring != "" {
+		opts = append(opts, [2]string{"keyring", cfg.Keyring})
+	}
+	for _, o := range opts {
+		if err := conn.SetConfigOption(o[0], o[1]); err != nil {
+			return fmt.Errorf("%w: setting %s=%s: %v", ErrConfig, o[0], o[1], err)
+		}
+	}
+	return nil
+}
+
+// Pools returns the pools of the configuration, in order.
+func (c *Cluster) Pools() []*Pool { return c.pools }
+
+// Pool returns the configured pool name, or nil.
+func (c *Cluster) Pool(name string) *Pool {
+	for _, p := range c.pools {
+		if p.name == name {
+			return p
+		}
+	}
+	return nil
+}
+
+// Timeout is the bound on each request to the cluster.
+func (c *Cluster) Timeout() time.Duration { return c.timeout }
+
+// ioctx returns an I/O context on pool (and RADOS namespace ns), opened
+// once and kept: clone chains reach into pools that were not configured.
+func (c *Cluster) ioctx(pool, ns string) (*rados.IOContext, error) {
+	key := pool + "/" + ns
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return nil, fmt.Errorf("%w: the cluster connection is closed", ErrConfig)
+	}
+	if io := c.ioctxs[key]; io != nil {
+		return io, nil
+	}
+	io, err := c.conn.OpenIOContext(pool)
+	if err != nil {
+		err = wrap("open pool "+pool, err)
+		if !errors.Is(err, ErrTimeout) {
+			err = fmt.Errorf("%w: pool %q: %w", ErrConfig, pool, err)
+		}
+		return nil, err
+	}
+	if ns != "" {
+		io.SetNamespace(ns)
+	}
+	c.ioctxs[key] = io
+	return io, nil
+}
+
+// Close closes the pools and the connection. Images opened from the pools
+// must be closed first.
+func (c *Cluster) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return nil
+	}
+	c.closed = true
+	for _, io := range c.ioctxs {
+		io.Destroy()
+	}
+	c.ioctxs = nil
+	c.conn.Shutdown()
+	return nil
+}
+
+// instanceID is our client's global id, as watchers list it.
+func (c *Cluster) instanceID() int64 { return int64(c.conn.GetInstanceID()) }
