@@ -16,7 +16,7 @@ BENCHFLAGS ?=
 
 # bin/snapfs is built without cgo for now: one static binary that runs
 # anywhere. Tests use the Go default (cgo on where gcc is), so that cgo
-# backends (Ceph, libvirt) can be tested; TestLayers checks that qcow,
+# backends (Ceph, libvirt) can be tested; TestPureGo (cmd/snapfs) checks that qcow,
 # snapshot and fs still build with CGO_ENABLED=0.
 BUILD_CGO ?= 0
 
@@ -25,7 +25,7 @@ BUILD_CGO ?= 0
 all: build
 
 deps:
-	./scripts/deps.sh
+	bash scripts/deps.sh
 
 build:
 	CGO_ENABLED=$(BUILD_CGO) $(GO) build -o bin/snapfs ./cmd/snapfs
@@ -35,17 +35,17 @@ vet:
 
 test: deps build vet
 	$(GO) test ./... -count=1 -timeout 30m
-	FUZZTIME=$(FUZZTIME) ./scripts/fuzz.sh
+	FUZZTIME=$(FUZZTIME) bash scripts/fuzz.sh
 
 fuzz:
-	FUZZTIME=$(FUZZTIME) ./scripts/fuzz.sh
+	FUZZTIME=$(FUZZTIME) bash scripts/fuzz.sh
 
 bench: deps build
 	CGO_ENABLED=0 $(GO) build -o bin/qcowbench ./bench/cmd/qcowbench
 	./bin/qcowbench -snapfs bin/snapfs -work .bench $(BENCHFLAGS)
 
 run: build
-	./scripts/demo.sh bin/snapfs .run
+	bash scripts/demo.sh bin/snapfs .run
 
 fmt:
 	gofmt -w $$(git ls-files --cached --others --exclude-standard '*.go')

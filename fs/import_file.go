@@ -162,6 +162,9 @@ func (c *importContents) unlink(_ context.Context, name string) error {
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.importing != nil {
+		return fmt.Errorf("%w: import/%s is being imported", snapshot.ErrBusy, name)
+	}
 	f.finish(fmt.Errorf("%w: abandoned (unlinked)", syscall.ENOENT))
 	return nil
 }
@@ -181,6 +184,9 @@ type importFile struct {
 	dirty   bool     // written or truncated since create
 	done    bool     // imported, failed or abandoned: no more writes
 	result  error    // of the import, once done
+	// importing is closed when the import in progress ends; nil when
+	// none is.
+	importing chan struct{}
 }
 
 var (
@@ -249,6 +255,9 @@ func (f *importFile) Open(ctx context.Context, flags uint32) (fusefs.FileHandle,
 // writable says why the file takes no more writes, if it does not. f.mu is
 // held.
 func (f *importFile) writable() error {
+	if f.importing != nil {
+		return fmt.Errorf("%w: import/%s is being imported", snapshot.ErrBusy, f.name)
+	}
 	if !f.done {
 		return nil
 	}
@@ -263,6 +272,7 @@ func (f *importFile) writable() error {
 func (f *importFile) flush(ctx context.Context) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.waitImport()
 	if f.done {
 		return f.result
 	}
@@ -277,7 +287,7 @@ func (f *importFile) flush(ctx context.Context) error {
 	}
 	mctx, cancel := f.fsys.mutationContext(ctx)
 	defer cancel()
-	f.finish(f.importVolume(mctx))
+	f.importVolume(mctx)
 	return f.result
 }
 
@@ -291,7 +301,7 @@ func (f *importFile) release() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.writers--
-	if f.writers > 0 || f.done {
+	if f.writers > 0 || f.done || f.importing != nil {
 		return
 	}
 	if !f.dirty {
@@ -300,21 +310,41 @@ func (f *importFile) release() {
 	}
 	mctx, cancel := context.WithCancel(f.fsys.ctx)
 	defer cancel()
-	f.finish(f.importVolume(mctx))
+	f.importVolume(mctx)
 }
 
-// importVolume imports the staging file as volume f.name. f.mu is held.
-func (f *importFile) importVolume(ctx context.Context) error {
-	if err := f.tmp.Sync(); err != nil {
-		return err
+// waitImport waits, with f.mu held, for an import in progress to end.
+func (f *importFile) waitImport() {
+	for f.importing != nil {
+		ch := f.importing
+		f.mu.Unlock()
+		<-ch
+		f.mu.Lock()
 	}
-	img, err := snapshot.OpenUntrusted(f.tmp.Name())
-	if err != nil {
-		return err
+}
+
+// importVolume imports the staging file as volume f.name and finishes. It
+// is called and returns with f.mu held, but releases it meanwhile, so that
+// stat and ls of import/ answer during a long import; writes, truncates and
+// unlinks get EBUSY then, and other flushes wait.
+func (f *importFile) importVolume(ctx context.Context) {
+	done := make(chan struct{})
+	f.importing = done
+	path := f.tmp.Name()
+	f.mu.Unlock()
+
+	// No fsync of the staging file: the store writes and syncs its own
+	// copy, and after a crash the staging file is swept anyway.
+	img, err := snapshot.OpenUntrusted(path)
+	if err == nil {
+		_, err = f.fsys.backend.ImportVolume(ctx, f.name, img, nil)
+		img.Close()
 	}
-	defer img.Close()
-	_, err = f.fsys.backend.ImportVolume(ctx, f.name, img, nil)
-	return err
+
+	f.mu.Lock()
+	f.importing = nil
+	close(done)
+	f.finish(err)
 }
 
 // finish ends the import with result: the staging file is removed, the

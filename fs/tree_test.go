@@ -318,6 +318,7 @@ func TestInstances(t *testing.T) {
 	for _, d := range meta.Disks {
 		ref := qemutest.ConvertRawFile(t, snapshotPath(t, store, d.Volume, d.Snapshot))
 		sameContent(t, filepath.Join(snaps, "s1", d.Device+".raw"), ref)
+		qemutest.Check(t, filepath.Join(snaps, "s1", d.Device+".qcow2"))
 		qemutest.Compare(t, filepath.Join(snaps, "s1", d.Device+".qcow2"), ref)
 		// The volume's own view of the same snapshot.
 		sameContent(t, m.path("volumes", d.Volume, "snapshots", d.Snapshot, "disk.raw"), ref)

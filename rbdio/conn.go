@@ -41,7 +41,7 @@ type Cluster struct {
 	timeout time.Duration
 	pools   []*Pool // the configured pools, in order
 
-	mu     sync.Mutex                   // protects ioctxs
+	mu     sync.Mutex                  // protects ioctxs
 	ioctxs map[string]*rados.IOContext // by "pool/namespace", for clone parents
 	closed bool
 }

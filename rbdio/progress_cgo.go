@@ -68,9 +68,9 @@ func snapfsProgress(done, total C.uint64_t, arg unsafe.Pointer) C.int {
 // errnoError is a librbd return code, as go-ceph's errors are.
 type errnoError int
 
-func (e errnoError) Error() string   { return syscall.Errno(-e).Error() }
-func (e errnoError) ErrorCode() int  { return int(e) }
-func (e errnoError) Unwrap() error   { return syscall.Errno(-e) }
+func (e errnoError) Error() string  { return syscall.Errno(-e).Error() }
+func (e errnoError) ErrorCode() int { return int(e) }
+func (e errnoError) Unwrap() error  { return syscall.Errno(-e) }
 func codeErr(r C.int) error {
 	if r >= 0 {
 		return nil

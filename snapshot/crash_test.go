@@ -219,8 +219,10 @@ func TestCrash(t *testing.T) {
 	}{
 		{op: "snapshot", before: []string{PauseSnapshotWritten}, after: []string{PauseSnapshotCommitted}},
 		{op: "instance-snapshot", before: []string{PauseSnapshotWritten}, after: []string{PauseSnapshotCommitted}},
-		{op: "delete-middle", before: []string{PauseDeleteMerging, PauseDeleteMerged, PauseDeleteRenamed}, after: []string{PauseDeleteCommitted}},
-		{op: "delete-last", before: []string{PauseDeleteMerged, PauseDeleteRenamed}, after: []string{PauseDeleteCommitted}},
+		// Once the merged child is in place, the next open finishes the
+		// delete.
+		{op: "delete-middle", before: []string{PauseDeleteMerging, PauseDeleteMerged}, after: []string{PauseDeleteRenamed, PauseDeleteCommitted}},
+		{op: "delete-last", before: []string{PauseDeleteMerged}, after: []string{PauseDeleteRenamed, PauseDeleteCommitted}},
 		{op: "import", before: []string{PauseImportConverting, PauseImportWritten}},
 		{op: "volume-delete", after: []string{PauseVolumeDeleteCommitted}},
 		// Once marked, an instance snapshot delete is finished by the
@@ -309,4 +311,20 @@ func TestPauseIsOff(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("pauseAt paused")
 	}
+}
+
+// TestCrashThenDeleteBelow: after a delete cut short once the merged child
+// is in place, deleting the snapshot below (whose layer the old child read
+// through, the merged one no longer does) keeps everything readable.
+func TestCrashThenDeleteBelow(t *testing.T) {
+	ctx := context.Background()
+	dir, _ := crashFixture(t, false)
+	before := captureWith(t, reopen(t, dir), "vm", false)
+	runChild(t, "delete-middle", dir, "", PauseDeleteRenamed) // deletes s2
+	s := reopen(t, dir)
+	if err := s.DeleteSnapshot(ctx, "vm", "s1"); err != nil {
+		t.Fatal(err)
+	}
+	sameState(t, capture(t, s, "vm"), before, "s1", "s2")
+	checkNoStrayFiles(t, s)
 }

@@ -158,10 +158,12 @@ func (s *LocalStore) Dir() string { return s.dir }
 func (s *LocalStore) metaPath() string             { return filepath.Join(s.dir, metaFile) }
 func (s *LocalStore) layerPath(file string) string { return filepath.Join(s.layers, file) }
 
-// recoverStore writes an empty store.json into a new store, sweeps what crashes
-// left and resumes interrupted instance snapshot deletions.
+// recoverStore writes an empty store.json into a new store, sweeps what
+// crashes left, settles interrupted snapshot deletes (resolveMerge) and
+// resumes interrupted instance snapshot deletions.
 func (s *LocalStore) recoverStore(ctx context.Context) error {
 	var pending []InstanceSnapshot
+	var merging []string
 	err := s.withMetaLock(ctx, func() error {
 		m, err := s.load()
 		if err != nil {
@@ -175,6 +177,11 @@ func (s *LocalStore) recoverStore(ctx context.Context) error {
 		if err := s.sweep(m); err != nil {
 			return err
 		}
+		for name, v := range m.Volumes {
+			if v.Merging != "" {
+				merging = append(merging, name)
+			}
+		}
 		for inName, in := range m.Instances {
 			for _, rec := range in.Snapshots {
 				if rec.Deleting {
@@ -186,6 +193,17 @@ func (s *LocalStore) recoverStore(ctx context.Context) error {
 	})
 	if err != nil {
 		return err
+	}
+	for _, vol := range merging {
+		release, err := s.lockVolumes(ctx, vol)
+		if err != nil {
+			return err
+		}
+		err = s.resolveMerge(ctx, vol)
+		release()
+		if err != nil {
+			return err
+		}
 	}
 	for _, p := range pending {
 		// Best effort: a disk that cannot be merged now (its head is open

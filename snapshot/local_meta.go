@@ -46,6 +46,9 @@ type volumeMeta struct {
 	// Head is the writable overlay on top of the last layer.
 	Head     string            `json:"head"`
 	Metadata map[string]string `json:"metadata,omitempty"`
+	// Merging names the snapshot being deleted, while its child may
+	// already skip its layer (see deleteSnapshot).
+	Merging string `json:"merging,omitempty"`
 }
 
 // layerMeta is one read-only layer. Most layers are snapshots; an

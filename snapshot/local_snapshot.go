@@ -2,6 +2,7 @@ package snapshot
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -87,6 +88,11 @@ func (s *LocalStore) createSnapshots(ctx context.Context, volumes []string, name
 		return nil, err
 	}
 	defer release()
+	for _, vol := range volumes {
+		if err := s.resolveMerge(ctx, vol); err != nil {
+			return nil, err
+		}
+	}
 	m, err := s.load()
 	if err != nil {
 		return nil, err
@@ -209,12 +215,30 @@ func (s *LocalStore) DeleteSnapshot(ctx context.Context, volume, name string) er
 
 // deleteSnapshot is DeleteSnapshot on behalf of owner, the instance whose
 // snapshot is being deleted ("" for none).
+//
+// The steps, each safe to interrupt:
+//  1. commit the intent (volumeMeta.Merging): from now on the layer under
+//     the child may be skipped by the child's backing file;
+//  2. write the merged child and rename it over the child: every image
+//     reads as before, the deleted layer is simply no longer read;
+//  3. commit the layer's removal and clear the intent;
+//  4. remove the layer file.
+//
+// After a crash between 1 and 3, resolveMerge (run by OpenLocal and before
+// the next mutation of the volume) looks at the child's backing file and
+// finishes step 3 if the rename happened, or clears the intent if not.
+// Without the intent, metadata would say the child sits on the deleted
+// layer while its header says otherwise, and a later delete of the layer
+// below would remove a file the child still reads.
 func (s *LocalStore) deleteSnapshot(ctx context.Context, volume, name, owner string) error {
 	release, err := s.lockVolumes(ctx, volume)
 	if err != nil {
 		return err
 	}
 	defer release()
+	if err := s.resolveMerge(ctx, volume); err != nil {
+		return err
+	}
 	m, err := s.load()
 	if err != nil {
 		return err
@@ -238,11 +262,6 @@ func (s *LocalStore) deleteSnapshot(ctx context.Context, volume, name, owner str
 	}
 	below := m.belowFile(v, i)
 
-	if err := s.mergeInto(ctx, child, below, childIsHead); err != nil {
-		return fmt.Errorf("deleting snapshot %q of volume %q: %w", name, volume, err)
-	}
-	pauseAt(PauseDeleteRenamed)
-
 	err = s.commit(ctx, func(m *storeMeta) error {
 		v, j, err := m.snapshotLayer(volume, name)
 		if err != nil {
@@ -254,17 +273,105 @@ func (s *LocalStore) deleteSnapshot(ctx context.Context, volume, name, owner str
 		if err := deletable(m, volume, v, j, owner); err != nil {
 			return err
 		}
-		v.Layers = slices.Delete(v.Layers, j, j+1)
+		v.Merging = name
 		return nil
 	})
 	if err != nil {
-		// The merged child is in place and reads as before: the store is
-		// consistent, the snapshot simply still exists.
+		return err
+	}
+	if err := s.mergeInto(ctx, child, below, childIsHead); err != nil {
+		// Nothing was renamed: clear the intent (or leave it to
+		// resolveMerge if even that fails).
+		s.resolveMerge(context.WithoutCancel(ctx), volume)
+		return fmt.Errorf("deleting snapshot %q of volume %q: %w", name, volume, err)
+	}
+	pauseAt(PauseDeleteRenamed)
+	return s.finishMerge(ctx, volume, name, deleted)
+}
+
+// finishMerge commits the removal of snapshot name (layer file deleted)
+// of volume, whose child no longer reads it, and removes the file.
+func (s *LocalStore) finishMerge(ctx context.Context, volume, name, deleted string) error {
+	err := s.commit(ctx, func(m *storeMeta) error {
+		v, j, err := m.snapshotLayer(volume, name)
+		if err != nil {
+			return err
+		}
+		if v.Layers[j].File != deleted {
+			panic("BUG: the layers of a locked volume changed")
+		}
+		v.Layers = slices.Delete(v.Layers, j, j+1)
+		v.Merging = ""
+		return nil
+	})
+	if err != nil {
+		// The merged child is in place and reads as before; the intent
+		// stays for resolveMerge.
 		return err
 	}
 	pauseAt(PauseDeleteCommitted)
 	os.Remove(s.layerPath(deleted))
 	return nil
+}
+
+// resolveMerge settles an interrupted snapshot delete of volume (see
+// deleteSnapshot). The caller holds the volume lock.
+func (s *LocalStore) resolveMerge(ctx context.Context, volume string) error {
+	m, err := s.load()
+	if err != nil {
+		return err
+	}
+	v := m.Volumes[volume]
+	if v == nil || v.Merging == "" {
+		return nil
+	}
+	name := v.Merging
+	i := v.findSnapshot(name)
+	if i >= 0 {
+		child := v.Head
+		if i < len(v.Layers)-1 {
+			child = v.Layers[i+1].File
+		}
+		backing, err := s.backingOf(child)
+		if err != nil {
+			return fmt.Errorf("volume %q: finishing the delete of snapshot %q: %w", volume, name, err)
+		}
+		if backing != v.Layers[i].File {
+			// The merged child replaced the old one: finish.
+			return s.finishMerge(ctx, volume, name, v.Layers[i].File)
+		}
+	}
+	// The merge did not get as far as the rename: forget it.
+	return s.commit(ctx, func(m *storeMeta) error {
+		if v := m.Volumes[volume]; v != nil && v.Merging == name {
+			v.Merging = ""
+		}
+		return nil
+	})
+}
+
+// backingOf returns the backing file name in the header of a layer file
+// ("" for none), without opening it.
+func (s *LocalStore) backingOf(file string) (string, error) {
+	f, err := qcow.OpenFile(s.layerPath(file))
+	if err != nil {
+		return "", err
+	}
+	var backing string
+	errFound := errors.New("found")
+	format := qcow.FormatQcow2
+	c, err := qcow.Open(f, qcow.Options{Cache: s.cache, Format: &format, Open: func(ref qcow.BackingRef) (qcow.File, error) {
+		backing = ref.Name
+		return nil, errFound
+	}})
+	if err == nil {
+		c.Close()
+		return "", nil
+	}
+	if backing != "" {
+		return backing, nil
+	}
+	return "", err
 }
 
 // deletable returns ErrBusy when something depends on the snapshot at
@@ -446,7 +553,7 @@ func (s *LocalStore) CloneVolume(ctx context.Context, name string, parent Snapsh
 			if err != nil {
 				return err
 			}
-			if sm := pv.Layers[pi].Snapshot; sm.Instance != "" && m.instanceSnapshotDeleting(sm.Instance, sm.Name) {
+			if sm := pv.Layers[pi].Snapshot; pv.Merging == sm.Name || sm.Instance != "" && m.instanceSnapshotDeleting(sm.Instance, sm.Name) {
 				return fmt.Errorf("%w: snapshot %q of volume %q is being deleted", ErrNotFound, parent.Snapshot, parent.Volume)
 			}
 			p := parent

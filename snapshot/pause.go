@@ -21,14 +21,15 @@ const (
 	// PauseSnapshotCommitted: metadata committed, old heads not yet made
 	// read-only.
 	PauseSnapshotCommitted = "snapshot-committed"
-	// PauseDeleteMerging: the merged child is being written (after the
-	// first progress report).
+	// PauseDeleteMerging: the intent to delete is committed and the merged
+	// child is being written (after the first progress report).
 	PauseDeleteMerging = "delete-merging"
 	// PauseDeleteMerged: the merged child is written and synced, not yet
 	// renamed over the old child.
 	PauseDeleteMerged = "delete-merged"
 	// PauseDeleteRenamed: the merged child has replaced the old child;
-	// metadata still lists the snapshot.
+	// metadata still lists the snapshot (the next open finishes the
+	// delete).
 	PauseDeleteRenamed = "delete-renamed"
 	// PauseDeleteCommitted: metadata no longer lists the snapshot; its
 	// layer file is not yet removed.

@@ -24,16 +24,18 @@ import (
 // stdout, failing the test with its stderr if it exits non-zero.
 func Run(t testing.TB, tool string, args ...string) string {
 	t.Helper()
-	out, err := run(t, tool, args...)
+	out, err := Try(t, tool, args...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return out
 }
 
-// run runs tool and returns stdout, or an error quoting the command and its
-// stderr.
-func run(t testing.TB, tool string, args ...string) (string, error) {
+// Try runs a qemu tool like Run but returns its failure, a *ToolError,
+// instead of failing the test: for tests that expect qemu to refuse
+// something (qemu-img check exits non-zero on a corrupt image). A missing
+// tool still fails the test.
+func Try(t testing.TB, tool string, args ...string) (string, error) {
 	t.Helper()
 	path, err := exec.LookPath(tool)
 	if err != nil {
@@ -97,7 +99,7 @@ func IO(t testing.TB, image string, cmds ...string) string {
 // lazy refcounts the image keeps its dirty bit, as after a host crash.
 func IOCrash(t testing.TB, image string, cmds ...string) {
 	t.Helper()
-	_, err := run(t, "qemu-io", ioArgs(image, append(cmds, "sigraise 9"))...)
+	_, err := Try(t, "qemu-io", ioArgs(image, append(cmds, "sigraise 9"))...)
 	var exit *exec.ExitError
 	if !errors.As(err, &exit) {
 		t.Fatalf("qemu-io on %s was not killed by sigraise 9: %v", image, err)
@@ -184,7 +186,7 @@ func Check(t testing.TB, image string) CheckResult {
 	t.Helper()
 	// qemu-img check exits 2 for corruptions and 3 for leaks, with the JSON
 	// report on stdout still: parse it whatever the exit code.
-	out, err := run(t, "qemu-img", "check", "--output=json", image)
+	out, err := Try(t, "qemu-img", "check", "--output=json", image)
 	var r CheckResult
 	if jerr := json.Unmarshal([]byte(out), &r); jerr != nil {
 		t.Fatalf("qemu-img check %s: %v (output not JSON: %v)", image, err, jerr)
@@ -200,7 +202,7 @@ func Check(t testing.TB, image string) CheckResult {
 // must read as zeros past its end).
 func Compare(t testing.TB, a, b string) {
 	t.Helper()
-	if _, err := run(t, "qemu-img", "compare", a, b); err != nil {
+	if _, err := Try(t, "qemu-img", "compare", a, b); err != nil {
 		t.Fatalf("qemu-img compare: images differ: %v", err)
 	}
 }
