@@ -71,6 +71,12 @@ func (c Compression) String() string {
 // MarshalText makes compression types print as their names in JSON.
 func (c Compression) MarshalText() ([]byte, error) { return []byte(c.String()), nil }
 
+// UnmarshalText reads a compression type name back.
+func (c *Compression) UnmarshalText(b []byte) (err error) {
+	*c, err = ParseCompression(string(b))
+	return err
+}
+
 // ParseCompression maps "zlib" or "zstd" to a Compression.
 func ParseCompression(name string) (Compression, error) {
 	switch name {

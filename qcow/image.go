@@ -50,6 +50,12 @@ func (f Format) String() string {
 // MarshalText makes formats print as their names in JSON.
 func (f Format) MarshalText() ([]byte, error) { return []byte(f.String()), nil }
 
+// UnmarshalText reads a format name back.
+func (f *Format) UnmarshalText(b []byte) (err error) {
+	*f, err = ParseFormat(string(b))
+	return err
+}
+
 // ParseFormat maps a qemu format name ("raw", "qcow2") to a Format.
 func ParseFormat(name string) (Format, error) {
 	switch name {
@@ -89,6 +95,17 @@ func (k ExtentKind) String() string {
 
 // MarshalText makes extent kinds print as their names in JSON.
 func (k ExtentKind) MarshalText() ([]byte, error) { return []byte(k.String()), nil }
+
+// UnmarshalText reads an extent kind name back.
+func (k *ExtentKind) UnmarshalText(b []byte) error {
+	for _, kind := range []ExtentKind{Unallocated, Zero, Data} {
+		if kind.String() == string(b) {
+			*k = kind
+			return nil
+		}
+	}
+	return fmt.Errorf("qcow: unknown extent kind %q", b)
+}
 
 // Extent is one run of an allocation map.
 type Extent struct {

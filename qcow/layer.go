@@ -44,8 +44,28 @@ func (l *rawLayer) size() int64  { return l.f.Size() }
 func (l *rawLayer) file() File   { return l.f }
 func (l *rawLayer) close() error { return l.f.Close() }
 
+// holeFinder is implemented by files that know where their holes are
+// (local files, through SEEK_DATA and SEEK_HOLE). dataAt returns the start
+// of the data at or after off and, when that is off itself, the end of it.
+type holeFinder interface {
+	dataAt(off int64) (start, end int64, err error)
+}
+
+// lookup implements layer. Holes of a sparse file read as zeros and are
+// reported as zero runs owned by this layer, as qemu-img map does.
 func (l *rawLayer) lookup(off, maxLen int64) (run, error) {
-	return run{kind: unitData, length: min(maxLen, l.f.Size()-off), host: off}, nil
+	maxLen = min(maxLen, l.f.Size()-off)
+	if hf, ok := l.f.(holeFinder); ok {
+		start, end, err := hf.dataAt(off)
+		if err != nil {
+			return run{}, fmt.Errorf("qcow: finding holes in %q: %w", l.f.Name(), err)
+		}
+		if start > off {
+			return run{kind: unitZero, length: min(maxLen, start-off)}, nil
+		}
+		maxLen = min(maxLen, end-off)
+	}
+	return run{kind: unitData, length: maxLen, host: off}, nil
 }
 
 func (l *rawLayer) read(p []byte, r run, off int64) error {

@@ -60,7 +60,7 @@ func (r *refcounts) get(index int64) (uint64, error) {
 	key := cacheKey{layer: r.l.id, offset: blockOff, kind: cacheRefblock}
 	block := r.l.cache.get(key)
 	if block == nil {
-		if blockOff > r.l.f.Size()-h.clusterSize() {
+		if blockOff < 0 || blockOff > r.l.f.Size()-h.clusterSize() {
 			return 0, corruptf("refcount block at %#x is past the end of the file", blockOff)
 		}
 		block = make([]byte, h.clusterSize())

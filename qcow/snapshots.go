@@ -37,7 +37,9 @@ func readSnapshots(r io.ReaderAt, h *header, fileSize int64) ([]SnapshotInfo, er
 		if off+int64(len(fixed)) > fileSize {
 			return nil, corruptf("snapshot table entry %d runs past the end of the file", i)
 		}
-		if _, err := r.ReadAt(fixed[:], off); err != nil {
+		// The bounds are checked: readFull, because an entry that ends at
+		// the end of the file may be reported with io.EOF.
+		if err := readFull(r, fixed[:], off); err != nil {
 			return nil, fmt.Errorf("qcow: reading snapshot table: %w", err)
 		}
 		s := SnapshotInfo{
@@ -59,7 +61,7 @@ func readSnapshots(r io.ReaderAt, h *header, fileSize int64) ([]SnapshotInfo, er
 			return nil, corruptf("snapshot table entry %d runs past the end of the file", i)
 		}
 		rest := make([]byte, varLen)
-		if _, err := r.ReadAt(rest, off+40); err != nil {
+		if err := readFull(r, rest, off+40); err != nil {
 			return nil, fmt.Errorf("qcow: reading snapshot table: %w", err)
 		}
 		extra := rest[:extraSize]

@@ -289,3 +289,46 @@ func readAll(t *testing.T, r interface {
 	}
 	return buf
 }
+
+// TestRawHoles: holes of a sparse raw layer are zero extents, as qemu-img
+// map says, and stay holes when flattened.
+func TestRawHoles(t *testing.T) {
+	dir := t.TempDir()
+	raw := filepath.Join(dir, "base.raw")
+	f, err := os.Create(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(64 << 20); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(bytes.Repeat([]byte{7}, 1<<20), 8<<20); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	c := openChain(t, raw)
+	ext, err := c.Extents(0, c.Size())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var data int64
+	for _, e := range ext {
+		if e.Kind == qcow.Data {
+			data += e.Length
+		}
+	}
+	for _, m := range qemutest.Map(t, raw) {
+		if m.Data {
+			data -= m.Length
+		}
+	}
+	if data != 0 {
+		t.Errorf("our map and qemu-img map disagree on data by %d bytes: %+v", data, ext)
+	}
+	out := filepath.Join(dir, "out.raw")
+	convertTo(t, c, out, qcow.ConvertOptions{Format: qcow.FormatRaw})
+	if used := diskUsage(t, out); used > 2<<20 {
+		t.Errorf("flattened sparse raw uses %d bytes", used)
+	}
+	qemutest.Compare(t, raw, out)
+}

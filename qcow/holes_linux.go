@@ -1,0 +1,32 @@
+package qcow
+
+import (
+	"errors"
+	"syscall"
+)
+
+// lseek whence values for sparse files (linux/fs.h).
+const (
+	seekData = 3
+	seekHole = 4
+)
+
+// dataAt implements holeFinder with SEEK_DATA and SEEK_HOLE.
+func (f *osFile) dataAt(off int64) (start, end int64, err error) {
+	fd := int(f.Fd())
+	start, err = syscall.Seek(fd, off, seekData)
+	if errors.Is(err, syscall.ENXIO) {
+		return f.size, f.size, nil // only a hole from off to the end
+	}
+	if err != nil {
+		return 0, 0, err
+	}
+	if start > off {
+		return start, start, nil
+	}
+	end, err = syscall.Seek(fd, off, seekHole)
+	if err != nil {
+		return 0, 0, err
+	}
+	return start, end, nil
+}
