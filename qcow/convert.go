@@ -111,7 +111,7 @@ func (e emptyImage) Extents(off, length int64) ([]Extent, error) {
 // there are CPUs (at least 2, so that I/O overlaps), stopping at the first
 // error or when ctx is done.
 func parallelCopy(ctx context.Context, chunks []span, total int64, progress func(done, total int64), copyOne func(buf []byte, s span) error) error {
-	workers := max(2, runtime.GOMAXPROCS(0))
+	workers := copyWorkers()
 	var next, done atomic.Int64
 	var firstErr error
 	var mu sync.Mutex
@@ -231,3 +231,8 @@ func allZero(b []byte) bool {
 	}
 	return true
 }
+
+// copyWorkers is how many chunks are in flight at once: enough to keep a
+// disk's queue busy when the page cache is cold, and every CPU busy
+// compressing when it is warm.
+func copyWorkers() int { return max(8, runtime.GOMAXPROCS(0)) }

@@ -186,9 +186,9 @@ func FuzzL2(f *testing.F) {
 	for i, s := range seeds {
 		l := parseLayout(s.data)
 		// The real entries of every L2 table in use, each as a seed.
-		for _, t := range l.l2 {
+		for _, table := range l.l2 {
 			for j := int64(0); j < 1<<l.clusterBits/l.l2EntryBytes(); j++ {
-				at := t + j*l.l2EntryBytes()
+				at := table + j*l.l2EntryBytes()
 				entry := be.Uint64(s.data[at:])
 				var bitmap uint64
 				if l.extendedL2 {
@@ -211,8 +211,8 @@ func FuzzL2(f *testing.F) {
 			poke64(img, l.l1+8*(int64(l1Index)%l.l1Size), l1Entry)
 		}
 		if len(l.l2) > 0 {
-			t := l.l2[int(l2Index)%len(l.l2)]
-			at := t + int64(l2Index)%(1<<l.clusterBits/l.l2EntryBytes())*l.l2EntryBytes()
+			table := l.l2[int(l2Index)%len(l.l2)]
+			at := table + int64(l2Index)%(1<<l.clusterBits/l.l2EntryBytes())*l.l2EntryBytes()
 			if at+l.l2EntryBytes() <= int64(len(img)) {
 				poke64(img, at, entry)
 				if l.extendedL2 {
@@ -262,9 +262,9 @@ func FuzzCompressed(f *testing.F) {
 		if be.Uint32(s.data[hdrVersion:]) == 3 && be.Uint32(s.data[hdrHeaderLength:]) > 104 {
 			comp = qcow.Compression(s.data[hdrCompressionType])
 		}
-		for _, t := range l.l2 {
+		for _, table := range l.l2 {
 			for j := int64(0); j < 1<<l.clusterBits/l.l2EntryBytes(); j++ {
-				entry := be.Uint64(s.data[t+j*l.l2EntryBytes():])
+				entry := be.Uint64(s.data[table+j*l.l2EntryBytes():])
 				if entry&(1<<62) == 0 {
 					continue
 				}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"runtime"
 	"sync"
 )
 
@@ -46,7 +45,7 @@ func writeStream(ctx context.Context, dst *os.File, src Image, opts ConvertOptio
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	workers := max(2, runtime.GOMAXPROCS(0))
+	workers := copyWorkers()
 	results := make([]chan chunkResult, len(chunks))
 	for i := range results {
 		results[i] = make(chan chunkResult, 1)
