@@ -20,7 +20,7 @@ func TestReadOnly(t *testing.T) {
 	if _, err := store.CreateInstance(t.Context(), "vm", []diskT{{Device: "vda", Volume: "v"}}); err != nil {
 		t.Fatal(err)
 	}
-	m := mount(t, store, func(c *Config) { c.ReadOnly = true })
+	m := testMount(t, store, func(c *Config) { c.ReadOnly = true })
 	snaps := m.path("volumes", "v", "snapshots")
 	for what, err := range map[string]error{
 		"mkdir snapshot":          os.Mkdir(filepath.Join(snaps, "new"), 0o755),
@@ -66,7 +66,7 @@ func TestAccess(t *testing.T) {
 		return string(out), err
 	}
 	// The temp dirs above the mount point must let other users through.
-	openUp := func(m *testMount) {
+	openUp := func(m *mounted) {
 		for dir := filepath.Dir(m.dir); dir != "/" && strings.HasPrefix(dir, os.TempDir()+"/"); dir = filepath.Dir(dir) {
 			os.Chmod(dir, 0o755)
 		}
@@ -74,7 +74,7 @@ func TestAccess(t *testing.T) {
 
 	t.Run("default", func(t *testing.T) {
 		// What snapfs mount does without flags.
-		m := mount(t, store, func(c *Config) { c.Umask = 0o077 })
+		m := testMount(t, store, func(c *Config) { c.Umask = 0o077 })
 		openUp(m)
 		if out, err := as(nobody, nobody, "ls", m.dir); err == nil || !strings.Contains(out, "Permission denied") {
 			t.Errorf("another user listed the mount: %v %s", err, out)
@@ -92,7 +92,7 @@ func TestAccess(t *testing.T) {
 	})
 
 	t.Run("allow-other", func(t *testing.T) {
-		m := mount(t, store, func(c *Config) {
+		m := testMount(t, store, func(c *Config) {
 			c.AllowOther = true
 			c.UID, c.GID = 1234, group
 			c.Umask = 0o027
@@ -120,7 +120,7 @@ func TestAccess(t *testing.T) {
 	})
 
 	t.Run("umask cannot open to others", func(t *testing.T) {
-		m := mount(t, store, func(c *Config) { c.AllowOther = true; c.Umask = 0 })
+		m := testMount(t, store, func(c *Config) { c.AllowOther = true; c.Umask = 0 })
 		st, err := os.Stat(m.path("volumes", "v", "snapshots", "s", "disk.raw"))
 		if err != nil {
 			t.Fatal(err)

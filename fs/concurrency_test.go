@@ -25,7 +25,7 @@ func TestReadersDuringSnapshots(t *testing.T) {
 	const size = 16 << 20
 	store := newStore(t)
 	newVolume(t, store, "v", size, "write -P 0x01 0 16M")
-	m := mount(t, store)
+	m := testMount(t, store)
 	snaps := m.path("volumes", "v", "snapshots")
 	mkdir := func(name string) {
 		t.Helper()

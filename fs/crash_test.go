@@ -155,18 +155,31 @@ func (s *server) waitPaused(t *testing.T, point string) {
 	}
 }
 
-// kill kills the server with SIGKILL and cleans up the stale mount it
-// leaves, after checking that CheckMountpoint reports it as one.
-func (s *server) kill(t *testing.T, mnt string) {
-	t.Helper()
+// kill kills the server with SIGKILL.
+func (s *server) kill() {
 	s.cmd.Process.Kill()
 	<-s.exited
+}
+
+// cleanStale checks that CheckMountpoint reports the mount a killed server
+// left as stale, with the fix, and applies the fix.
+func cleanStale(t *testing.T, mnt string) {
+	t.Helper()
 	err := CheckMountpoint(mnt)
 	if !errors.Is(err, ErrStaleMount) || !strings.Contains(err.Error(), "-u "+mnt) {
 		t.Errorf("CheckMountpoint after kill -9: %v; want ErrStaleMount with the fix", err)
 	}
-	if out, err := exec.Command(fusermount(), "-u", mnt).CombinedOutput(); err != nil {
-		t.Fatalf("fusermount -u of the stale mount: %v: %s", err, out)
+	// The kernel may still be letting go of the requests that were cut
+	// short: busy for a moment.
+	for try := 0; ; try++ {
+		out, err := exec.Command(fusermount(), "-u", mnt).CombinedOutput()
+		if err == nil {
+			return
+		}
+		if try == 50 {
+			t.Fatalf("fusermount -u of the stale mount: %v: %s", err, out)
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }
 
@@ -241,10 +254,11 @@ func crash(t *testing.T, w *crashWorld, point string, op func(mnt string) error,
 	done := make(chan error, 1)
 	go func() { done <- op(w.cfg.Mountpoint) }()
 	s.waitPaused(t, point)
-	s.kill(t, w.cfg.Mountpoint)
+	s.kill()
 	if err := <-done; err == nil {
 		t.Errorf("the operation cut short by kill -9 reported success")
 	}
+	cleanStale(t, w.cfg.Mountpoint)
 	startServer(t, w.cfg, "")
 	w.check(t, optional, ref)
 	if left, _ := os.ReadDir(w.cfg.Staging); len(left) > 0 {

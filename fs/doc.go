@@ -48,10 +48,11 @@
 //
 // go-fuse runs requests in parallel. Nodes hold only their identity; the
 // state they show is read from the model on each request, so nodes need no
-// locks. The exceptions lock themselves and say so: the open-file counts
-// that make rmdir of a snapshot EBUSY (snapshotRefs), the cached stat of an
-// export (exportFile), and an import being written (importFile). Long
-// mutations (snapshot delete, import) ignore interrupts from callers that
-// live on (Go programs get SIGURG all the time) and stop only when the
-// caller is dying or the filesystem is unmounted.
+// locks. The exceptions lock themselves and say so: the cached stat of an
+// export (exportFile) and an import being written (importFile). Which
+// snapshots have open files, so that rmdir of one gets EBUSY, is kept by
+// the model (snapshot.Manager.Hold). Long mutations (snapshot delete,
+// import) ignore interrupts from callers that live on (Go programs get
+// SIGURG all the time) and stop only when the caller is dying or the
+// filesystem is unmounted.
 package fs

@@ -122,25 +122,26 @@ func (e *exportFile) Setattr(context.Context, fusefs.FileHandle, *fuse.SetAttrIn
 	return syscall.EROFS
 }
 
-// Open implements [fusefs.NodeOpener]. The open file counts against rmdir
-// of its snapshot until it is released.
+// Open implements [fusefs.NodeOpener]. The open file holds its snapshot
+// (snapshot.Manager.Hold): rmdir gets EBUSY until it is released.
 func (e *exportFile) Open(ctx context.Context, flags uint32) (fusefs.FileHandle, uint32, syscall.Errno) {
 	if flags&syscall.O_ACCMODE != syscall.O_RDONLY {
 		return nil, 0, syscall.EROFS
 	}
-	if err := e.fsys.refs.acquire(e.ref); err != nil {
+	release, err := e.fsys.manager.Hold(ctx, e.ref.Volume, e.ref.Snapshot)
+	if err != nil {
 		return nil, 0, e.fsys.errno("open "+e.name, err)
 	}
 	img, r, size, err := e.open(ctx)
 	if err != nil {
-		e.fsys.refs.release(e.ref)
+		release()
 		return nil, 0, e.fsys.errno("open "+e.name, err)
 	}
 	h := &imageHandle{fsys: e.fsys, name: e.name, img: img, r: r, size: func() int64 { return size }, extents: allData}
 	if e.kind == exportRaw {
 		h.extents = img.Extents
 	}
-	h.release = func() { e.fsys.refs.release(e.ref) }
+	h.release = release
 	return h, fuse.FOPEN_KEEP_CACHE, 0
 }
 

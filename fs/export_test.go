@@ -24,7 +24,7 @@ func TestSparseCopy(t *testing.T) {
 		"write -P 0x33 1023G 1M",
 		"write -z 300G 64k", // a zero cluster inside data: a hole too
 	)
-	m := mount(t, store)
+	m := testMount(t, store)
 	snaps := m.path("volumes", "big", "snapshots")
 	if err := os.Mkdir(filepath.Join(snaps, "s"), 0o755); err != nil {
 		t.Fatal(err)
@@ -85,7 +85,7 @@ func TestSparseTools(t *testing.T) {
 	store := newStore(t)
 	newVolume(t, store, "big", 1<<40, "write -P 0x31 0 1M", "write -P 0x32 700G 1M")
 	newVolume(t, store, "small", 256<<20, "write -P 0x41 1M 1M", "write -P 0x42 200M 1M")
-	m := mount(t, store)
+	m := testMount(t, store)
 	for _, v := range []string{"big", "small"} {
 		if err := os.Mkdir(m.path("volumes", v, "snapshots", "s"), 0o755); err != nil {
 			t.Fatal(err)
@@ -120,4 +120,3 @@ func TestSparseTools(t *testing.T) {
 	}
 	qemutest.Compare(t, copied, snapshotPath(t, store, "small", "s"))
 }
-

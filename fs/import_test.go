@@ -28,7 +28,7 @@ func stagingIn(dir string) func(*Config) {
 // noLeftovers fails the test if the staging dir holds anything, the store
 // holds temp files, or import/ shows other than the successful imports
 // (they stay a minute, for rsync).
-func noLeftovers(t testing.TB, m *testMount, staging string, imported ...string) {
+func noLeftovers(t testing.TB, m *mounted, staging string, imported ...string) {
 	t.Helper()
 	if left, _ := os.ReadDir(staging); len(left) > 0 {
 		t.Errorf("staging files left: %v", left)
@@ -52,7 +52,7 @@ func run(name string, args ...string) (string, error) {
 }
 
 // checkImported fails the test unless volumes/name reads as the image src.
-func checkImported(t testing.TB, m *testMount, name, src string) {
+func checkImported(t testing.TB, m *mounted, name, src string) {
 	t.Helper()
 	head := m.path("volumes", name, "head.raw")
 	if _, err := os.Stat(head); err != nil {
@@ -65,7 +65,7 @@ func TestImport(t *testing.T) {
 	staging := t.TempDir()
 	store := newStore(t)
 	newVolume(t, store, "taken", 1<<20)
-	m := mount(t, store, stagingIn(staging))
+	m := testMount(t, store, stagingIn(staging))
 	dir := t.TempDir()
 	imp := func(name string) string { return m.path("import", name) }
 
@@ -174,7 +174,7 @@ func TestImport(t *testing.T) {
 func TestImportRefused(t *testing.T) {
 	staging := t.TempDir()
 	store := newStore(t)
-	m := mount(t, store, stagingIn(staging))
+	m := testMount(t, store, stagingIn(staging))
 	dir := t.TempDir()
 	path := func(name string) string { return filepath.Join(dir, name) }
 
@@ -245,7 +245,7 @@ func patchBE32(t testing.TB, path string, off int64, v uint32) {
 func TestImportInterrupted(t *testing.T) {
 	staging := t.TempDir()
 	store := newStore(t)
-	m := mount(t, store, stagingIn(staging))
+	m := testMount(t, store, stagingIn(staging))
 	for _, sig := range []syscall.Signal{syscall.SIGINT, syscall.SIGTERM, syscall.SIGKILL} {
 		name := fmt.Sprintf("sig%d", int(sig))
 		fifo := filepath.Join(t.TempDir(), "fifo")

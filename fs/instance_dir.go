@@ -155,29 +155,19 @@ func (c instanceSnapshotsContents) mkdir(ctx context.Context, name string) (tree
 	}
 	mctx, cancel := c.fsys.mutationContext(ctx)
 	defer cancel()
-	s, err := c.fsys.snapshotInstance(mctx, c.instance, name)
+	s, err := c.fsys.manager.SnapshotInstance(mctx, c.instance, name, nil)
 	if err != nil {
 		return nil, err
 	}
 	return c.snapshotDir(s), nil
 }
 
+// rmdir deletes the instance snapshot and its disk snapshots: EBUSY while
+// a file of one of them is open.
 func (c instanceSnapshotsContents) rmdir(ctx context.Context, name string) error {
-	s, err := c.fsys.instances.InstanceSnapshot(ctx, c.instance, name)
-	if err != nil {
-		return err
-	}
-	var refs []snapshot.SnapshotRef
-	for _, d := range s.Disks {
-		refs = append(refs, snapshot.SnapshotRef{Volume: d.Volume, Snapshot: d.Snapshot})
-	}
-	if err := c.fsys.refs.beginDelete(refs...); err != nil {
-		return err
-	}
-	defer c.fsys.refs.endDelete(refs...)
 	mctx, cancel := c.fsys.mutationContext(ctx)
 	defer cancel()
-	return c.fsys.instances.DeleteInstanceSnapshot(mctx, c.instance, name)
+	return c.fsys.manager.DeleteInstanceSnapshot(mctx, c.instance, name)
 }
 
 func (c instanceSnapshotsContents) snapshotDir(s snapshot.InstanceSnapshot) *dir {
@@ -214,12 +204,4 @@ func (c instanceSnapshotContents) list(context.Context) ([]treeNode, error) {
 
 func (c instanceSnapshotContents) find(ctx context.Context, name string) (treeNode, error) {
 	return staticContents(c.entries()).find(ctx, name)
-}
-
-// snapshotInstance takes snapshot name of every disk of instance at one
-// point. The provider does it all for instances that do not run (the local
-// store's); freezing a running guest around it is the model's job
-// (snapshot.Manager) once libvirt instances come.
-func (f *filesystem) snapshotInstance(ctx context.Context, instance, name string) (snapshot.InstanceSnapshot, error) {
-	return f.instances.CreateInstanceSnapshot(ctx, instance, name, snapshot.InstanceSnapshotOptions{})
 }

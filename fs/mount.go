@@ -134,6 +134,7 @@ func newFilesystem(cfg Config) *filesystem {
 		umask:     cfg.Umask & 0o777,
 		mounted:   time.Now(),
 		log:       cfg.Logger,
+		manager:   snapshot.NewManager(cfg.Backend, cfg.Instances),
 		staging:   cfg.StagingDir,
 		ctx:       ctx,
 		cancel:    cancel,

@@ -79,8 +79,8 @@ func (l *testLog) String() string {
 	return l.buf.String()
 }
 
-// testMount is a mount of a store in a temporary directory for one test.
-type testMount struct {
+// mounted is a mount of a store in a temporary directory for one test.
+type mounted struct {
 	dir   string
 	srv   *Server
 	log   *testLog
@@ -88,13 +88,13 @@ type testMount struct {
 }
 
 // path returns the path of a file in the mount.
-func (m *testMount) path(elem ...string) string {
+func (m *mounted) path(elem ...string) string {
 	return filepath.Join(append([]string{m.dir}, elem...)...)
 }
 
-// mount mounts store in a temp dir, and unmounts it when the test ends.
+// testMount mounts store in a temp dir, and unmounts it when the test ends.
 // configure, if given, changes the Config first.
-func mount(t testing.TB, store *snapshot.LocalStore, configure ...func(*Config)) *testMount {
+func testMount(t testing.TB, store *snapshot.LocalStore, configure ...func(*Config)) *mounted {
 	t.Helper()
 	dir := t.TempDir()
 	tl := &testLog{t: t}
@@ -123,7 +123,7 @@ func mount(t testing.TB, store *snapshot.LocalStore, configure ...func(*Config))
 		tl.done = true
 		tl.mu.Unlock()
 	})
-	return &testMount{dir: dir, srv: srv, log: tl, store: store}
+	return &mounted{dir: dir, srv: srv, log: tl, store: store}
 }
 
 // newStore opens a store in a temp dir.
@@ -220,7 +220,7 @@ func compareFiles(a, b string) error {
 // checkExports compares disk.raw of a volume snapshot with qemu-img's
 // flattening of its chain, and checks disk.qcow2 with qemu-img check and
 // compare.
-func checkExports(t testing.TB, m *testMount, volume, snap string) {
+func checkExports(t testing.TB, m *mounted, volume, snap string) {
 	t.Helper()
 	ref := qemutest.ConvertRawFile(t, snapshotPath(t, m.store, volume, snap))
 	dir := m.path("volumes", volume, "snapshots", snap)

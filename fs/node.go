@@ -33,7 +33,9 @@ type filesystem struct {
 	umask     uint32
 	mounted   time.Time   // mtime of directories that have none of their own
 	log       *log.Logger // one line per unexpected error
-	refs      snapshotRefs
+	// manager deletes snapshots, snapshots instances and holds the
+	// snapshots whose files are open, so that rmdir gets EBUSY.
+	manager *snapshot.Manager
 
 	// ctx ends with the mount: long mutations started by a request stop
 	// when the filesystem goes away, not when the request is interrupted

@@ -85,17 +85,13 @@ func (c snapshotsContents) mkdir(ctx context.Context, name string) (treeNode, er
 	return c.snapshotDir(snaps[0]), nil
 }
 
-// rmdir deletes a snapshot, unless a file of it is open here (EBUSY); the
-// backend refuses too while something depends on it.
+// rmdir deletes a snapshot, unless a file of it is open here (EBUSY, from
+// the manager's holds); the backend refuses too while something depends on
+// it.
 func (c snapshotsContents) rmdir(ctx context.Context, name string) error {
-	ref := snapshot.SnapshotRef{Volume: c.volume, Snapshot: name}
-	if err := c.fsys.refs.beginDelete(ref); err != nil {
-		return err
-	}
-	defer c.fsys.refs.endDelete(ref)
 	mctx, cancel := c.fsys.mutationContext(ctx)
 	defer cancel()
-	return c.fsys.backend.DeleteSnapshot(mctx, c.volume, name)
+	return c.fsys.manager.DeleteSnapshot(mctx, c.volume, name)
 }
 
 // snapshotDir returns the directory of snapshot s. Its entry is cached

@@ -32,7 +32,7 @@ func readDir(t testing.TB, dir string) []string {
 func TestTreeSnapshots(t *testing.T) {
 	store := newStore(t)
 	newVolume(t, store, "vol", 64<<20, "write -P 0x11 0 1M", "write -P 0x12 32M 64k")
-	m := mount(t, store)
+	m := testMount(t, store)
 
 	if got, want := readDir(t, m.dir), []string{"import", "instances", "volumes"}; !slices.Equal(got, want) {
 		t.Fatalf("root: %v, want %v", got, want)
@@ -180,19 +180,19 @@ func TestInodesStable(t *testing.T) {
 		"volumes/v/snapshots", "volumes/v/snapshots/s", "volumes/v/snapshots/s/disk.raw",
 		"volumes/v/snapshots/s/disk.qcow2", "volumes/v/snapshots/s/meta.json",
 	}
-	paths := func(m *testMount) []string {
+	paths := func(m *mounted) []string {
 		var out []string
 		for _, r := range rel {
 			out = append(out, m.path(r))
 		}
 		return out
 	}
-	m1 := mount(t, store)
+	m1 := testMount(t, store)
 	if err := os.Mkdir(m1.path("volumes/v/snapshots/s"), 0o755); err != nil {
 		t.Fatal(err)
 	}
 	first := inodes(t, paths(m1)...)
-	m2 := mount(t, store)
+	m2 := testMount(t, store)
 	if second := inodes(t, paths(m2)...); !slices.Equal(first, second) {
 		t.Errorf("inodes differ across mounts:\n%v\n%v", first, second)
 	}
@@ -235,7 +235,7 @@ func TestInodesStable(t *testing.T) {
 func TestHeadNotCached(t *testing.T) {
 	store := newStore(t)
 	newVolume(t, store, "v", 4<<20, "write -P 1 0 1M")
-	m := mount(t, store)
+	m := testMount(t, store)
 	head := m.path("volumes/v/head.raw")
 	for i, pattern := range []byte{1, 2, 3} {
 		if i > 0 {
@@ -282,7 +282,7 @@ func TestInstances(t *testing.T) {
 	if _, err := store.CreateInstance(t.Context(), "vm", []snapshot.Disk{{Device: "vda", Volume: "root"}, {Device: "vdb", Volume: "data"}}); err != nil {
 		t.Fatal(err)
 	}
-	m := mount(t, store)
+	m := testMount(t, store)
 	if got := readDir(t, m.path("instances")); !slices.Equal(got, []string{"vm"}) {
 		t.Fatalf("instances: %v", got)
 	}

@@ -39,6 +39,7 @@ import "C"
 import (
 	"context"
 	"runtime/cgo"
+	"sync"
 	"syscall"
 	"unsafe"
 
@@ -49,11 +50,17 @@ import (
 type progress struct {
 	ctx    context.Context
 	report func(done, total int64)
+
+	mu          sync.Mutex // protects done, total
+	done, total int64
 }
 
 //export snapfsProgress
 func snapfsProgress(done, total C.uint64_t, arg unsafe.Pointer) C.int {
 	pr := cgo.Handle(uintptr(arg)).Value().(*progress)
+	pr.mu.Lock()
+	pr.done, pr.total = int64(done), int64(total)
+	pr.mu.Unlock()
 	if pr.report != nil {
 		pr.report(int64(done), int64(total))
 	}
@@ -78,22 +85,36 @@ func codeErr(r C.int) error {
 	return errnoError(r)
 }
 
+// finish reports the end of a successful operation: librbd reports the
+// objects it starts, so the last report it makes is short of the total.
+func (pr *progress) finish(err error) error {
+	pr.mu.Lock()
+	done, total := pr.done, pr.total
+	pr.mu.Unlock()
+	if err == nil && pr.report != nil && done < total {
+		pr.report(total, total)
+	}
+	return err
+}
+
 // flattenImage runs rbd flatten on image name of io.
 func flattenImage(ctx context.Context, io *rados.IOContext, name string, report func(done, total int64)) error {
-	h := cgo.NewHandle(&progress{ctx: ctx, report: report})
+	pr := &progress{ctx: ctx, report: report}
+	h := cgo.NewHandle(pr)
 	defer h.Delete()
 	cName := C.CString(name)
 	defer C.free(unsafe.Pointer(cName))
-	return codeErr(C.snapfs_flatten(C.rados_ioctx_t(io.Pointer()), cName, C.uintptr_t(h)))
+	return pr.finish(codeErr(C.snapfs_flatten(C.rados_ioctx_t(io.Pointer()), cName, C.uintptr_t(h))))
 }
 
 // rollbackImage runs rbd snap rollback on image name of io to snap.
 func rollbackImage(ctx context.Context, io *rados.IOContext, name, snap string, report func(done, total int64)) error {
-	h := cgo.NewHandle(&progress{ctx: ctx, report: report})
+	pr := &progress{ctx: ctx, report: report}
+	h := cgo.NewHandle(pr)
 	defer h.Delete()
 	cName := C.CString(name)
 	defer C.free(unsafe.Pointer(cName))
 	cSnap := C.CString(snap)
 	defer C.free(unsafe.Pointer(cSnap))
-	return codeErr(C.snapfs_rollback(C.rados_ioctx_t(io.Pointer()), cName, cSnap, C.uintptr_t(h)))
+	return pr.finish(codeErr(C.snapfs_rollback(C.rados_ioctx_t(io.Pointer()), cName, cSnap, C.uintptr_t(h))))
 }

@@ -20,10 +20,13 @@ package snapshot
 // place before the metadata that refers to them is committed; files are
 // removed only after the metadata that referred to them is committed. A
 // layer is only ever replaced (never modified) by renaming a new file over
-// it, and only by one that reads exactly as the old one did. So after a
-// kill -9 at any point the metadata refers only to complete files that
-// read as it says, and the worst left over is a file nobody refers to,
-// which the sweep in OpenLocal removes.
+// it, and only by one that reads exactly as the old one did (the merge of
+// a snapshot delete, which commits its intent first: see deleteSnapshot).
+// So after a kill -9 at any point the metadata refers only to complete
+// files that read as it says, and the worst left over is a file nobody
+// refers to, which the sweep in OpenLocal removes; OpenLocal also finishes
+// what a crash interrupted once it could no longer be undone (a merged
+// child in place, an instance snapshot delete under way).
 //
 // # Lock order
 //
@@ -62,14 +65,19 @@ const MaxVolumeSize = 64 << 40
 // given: /var/lib/snapfs for root, $XDG_DATA_HOME/snapfs (or
 // ~/.local/share/snapfs) for anyone else.
 func DefaultStoreDir() string {
-	if os.Geteuid() == 0 {
+	home, _ := os.UserHomeDir()
+	return storeDirFor(os.Geteuid(), os.Getenv("XDG_DATA_HOME"), home)
+}
+
+// storeDirFor is DefaultStoreDir for a given user and environment. A
+// relative XDG_DATA_HOME is ignored, as the XDG spec says.
+func storeDirFor(euid int, xdgDataHome, home string) string {
+	switch {
+	case euid == 0:
 		return "/var/lib/snapfs"
-	}
-	if d := os.Getenv("XDG_DATA_HOME"); d != "" && filepath.IsAbs(d) {
-		return filepath.Join(d, "snapfs")
-	}
-	home, err := os.UserHomeDir()
-	if err != nil || home == "" {
+	case xdgDataHome != "" && filepath.IsAbs(xdgDataHome):
+		return filepath.Join(xdgDataHome, "snapfs")
+	case home == "":
 		// No home: a relative directory is better than a shared one.
 		return filepath.Join(".local", "share", "snapfs")
 	}

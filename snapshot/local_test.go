@@ -583,16 +583,24 @@ func TestStoreDirMode(t *testing.T) {
 }
 
 func TestDefaultStoreDir(t *testing.T) {
-	d := DefaultStoreDir()
-	if os.Geteuid() == 0 {
-		if d != "/var/lib/snapfs" {
-			t.Errorf("root: %s", d)
+	for _, c := range []struct {
+		euid      int
+		xdg, home string
+		want      string
+	}{
+		{0, "/x/data", "/root", "/var/lib/snapfs"},
+		{1000, "/x/data", "/home/u", "/x/data/snapfs"},
+		{1000, "", "/home/u", "/home/u/.local/share/snapfs"},
+		{1000, "relative", "/home/u", "/home/u/.local/share/snapfs"},
+		{1000, "", "", ".local/share/snapfs"},
+	} {
+		if got := storeDirFor(c.euid, c.xdg, c.home); got != c.want {
+			t.Errorf("storeDirFor(%d, %q, %q) = %q, want %q", c.euid, c.xdg, c.home, got, c.want)
 		}
-		return
 	}
-	t.Setenv("XDG_DATA_HOME", "/x/data")
-	if d := DefaultStoreDir(); d != "/x/data/snapfs" {
-		t.Errorf("with XDG_DATA_HOME: %s", d)
+	home, _ := os.UserHomeDir()
+	if got, want := DefaultStoreDir(), storeDirFor(os.Geteuid(), os.Getenv("XDG_DATA_HOME"), home); got != want {
+		t.Errorf("DefaultStoreDir() = %q, want %q", got, want)
 	}
 }
 

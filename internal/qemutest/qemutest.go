@@ -57,9 +57,12 @@ func Try(t testing.TB, tool string, args ...string) (string, error) {
 
 // ToolError is how a qemu tool failed.
 type ToolError struct {
-	Command        string
+	// Command is the command line, for messages.
+	Command string
+	// Stdout and Stderr are everything the tool printed.
 	Stdout, Stderr string
-	Err            error
+	// Err is the *exec.ExitError (or the error starting the tool).
+	Err error
 }
 
 // Error quotes the command and everything it printed: qemu-io reports
@@ -78,7 +81,9 @@ func Img(t testing.TB, args ...string) string {
 }
 
 // Create runs `qemu-img create -f format [opts...] path size` and returns
-// path. opts are passed as they are, e.g. "-o", "cluster_size=4k".
+// path. opts are passed as they are, e.g. "-o", "cluster_size=4k". qemu
+// splits -o values at commas, so a path inside them (data_file=...) must
+// have none: t.TempDir() names contain the test name.
 func Create(t testing.TB, format, path, size string, opts ...string) string {
 	t.Helper()
 	args := append([]string{"create", "-q", "-f", format}, opts...)

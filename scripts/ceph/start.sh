@@ -120,6 +120,9 @@ rbd default features = layering,exclusive-lock,object-map,fast-diff,deep-flatten
 
 [mon]
 mon data = $DIR/\$name
+# Each OSD map change (a snapshot id, a pool) waits for the next Paxos
+# proposal, 1 s apart by default: one mon proposes at once.
+paxos propose interval = 0.05
 pid file = $DIR/run/\$name.pid
 
 [mgr]
