@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"slices"
 	"sync"
 )
 
@@ -16,6 +17,12 @@ type refcounts struct {
 	once  sync.Once
 	table []uint64 // refcount block offsets
 	err   error
+
+	// The block read last, kept so that a walk over many entries of one
+	// block reads it once whatever the cache holds. Not safe for
+	// concurrent use: one refcounts serves one Verify call.
+	lastOff   int64
+	lastBlock []byte
 }
 
 // load reads the refcount table, bounded by the header checks.
@@ -59,6 +66,9 @@ func (r *refcounts) get(index int64) (uint64, error) {
 	blockOff := int64(r.table[t])
 	key := cacheKey{layer: r.l.id, offset: blockOff, kind: cacheRefblock}
 	block := r.l.cache.get(key)
+	if block == nil && r.lastBlock != nil && r.lastOff == blockOff {
+		block = r.lastBlock
+	}
 	if block == nil {
 		if blockOff < 0 || blockOff > r.l.f.Size()-h.clusterSize() {
 			return 0, corruptf("refcount block at %#x is past the end of the file", blockOff)
@@ -69,6 +79,7 @@ func (r *refcounts) get(index int64) (uint64, error) {
 		}
 		r.l.cache.put(key, block)
 	}
+	r.lastOff, r.lastBlock = blockOff, block
 	return refcountAt(block, index%perBlock, uint(bits)), nil
 }
 
@@ -127,6 +138,7 @@ func (c *Chain) Verify(ctx context.Context) error {
 		}
 	}
 	entryBytes := h.l2EntryBytes()
+	var hosts []int64
 	for i, e := range l.l1 {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -142,6 +154,9 @@ func (c *Chain) Verify(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
+		// Sorted, the entries of a table visit each refcount block once,
+		// however a hostile table scatters them.
+		hosts := hosts[:0]
 		for j := int64(0); j < h.l2Entries(); j++ {
 			entry := l2Entry(binary.BigEndian.Uint64(table[j*entryBytes:]))
 			var host int64
@@ -156,9 +171,12 @@ func (c *Chain) Verify(ctx context.Context) error {
 					return corruptf("L2 entry %d of table %d has an unaligned offset %#x", j, i, host)
 				}
 			}
-			if host == 0 {
-				continue
+			if host != 0 {
+				hosts = append(hosts, host)
 			}
+		}
+		slices.Sort(hosts)
+		for _, host := range hosts {
 			if err := counted("data cluster", host); err != nil {
 				return err
 			}

@@ -15,6 +15,6 @@ go list -f '{{.ImportPath}} {{.Dir}}' ./... | while read -r pkg dir; do
 	targets=$(go test -list '^Fuzz' "$pkg" </dev/null | grep '^Fuzz' || true)
 	for target in $targets; do
 		echo "fuzz: $pkg $target for $fuzztime"
-		go test -run '^$' -fuzz "^${target}\$" -fuzztime "$fuzztime" "$pkg" </dev/null
+		go test -run '^$' -fuzz "^${target}\$" -fuzztime "$fuzztime" -fuzzminimizetime 2s "$pkg" </dev/null
 	done
 done
