@@ -30,7 +30,7 @@ func writeChain(t *testing.T, dir string) string {
 	return top
 }
 
-func openChain(t *testing.T, path string) *qcow.Chain {
+func openChain(t testing.TB, path string) *qcow.Chain {
 	t.Helper()
 	c, err := qcow.OpenPath(path, qcow.Options{})
 	if err != nil {
