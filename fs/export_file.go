@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -142,6 +143,7 @@ func (e *exportFile) Open(ctx context.Context, flags uint32) (fusefs.FileHandle,
 		h.extents = img.Extents
 	}
 	h.release = release
+	h.ref = &e.ref
 	return h, fuse.FOPEN_KEEP_CACHE, 0
 }
 
@@ -227,13 +229,27 @@ type imageHandle struct {
 	extents extentSource
 	release func()
 	once    sync.Once
+	// ref is the snapshot the file belongs to (nil for the head), and
+	// flushed says whether it was closed once: see closingFiles.
+	ref     *snapshot.SnapshotRef
+	flushed atomic.Bool
 }
 
 var (
 	_ fusefs.FileReader   = (*imageHandle)(nil)
 	_ fusefs.FileLseeker  = (*imageHandle)(nil)
 	_ fusefs.FileReleaser = (*imageHandle)(nil)
+	_ fusefs.FileFlusher  = (*imageHandle)(nil)
 )
+
+// Flush implements [fusefs.FileFlusher]: close(2), maybe of one of several
+// descriptors of the file. The release follows soon if it was the last.
+func (h *imageHandle) Flush(context.Context) syscall.Errno {
+	if h.ref != nil && !h.flushed.Swap(true) {
+		h.fsys.closing.add(*h.ref, 1)
+	}
+	return 0
+}
 
 // Read implements [fusefs.FileReader].
 func (h *imageHandle) Read(_ context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
@@ -268,6 +284,9 @@ func (h *imageHandle) Release(context.Context) syscall.Errno {
 		}
 		if h.release != nil {
 			h.release()
+		}
+		if h.ref != nil && h.flushed.Load() {
+			h.fsys.closing.add(*h.ref, -1)
 		}
 	})
 	return 0

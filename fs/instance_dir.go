@@ -167,7 +167,20 @@ func (c instanceSnapshotsContents) mkdir(ctx context.Context, name string) (tree
 func (c instanceSnapshotsContents) rmdir(ctx context.Context, name string) error {
 	mctx, cancel := c.fsys.mutationContext(ctx)
 	defer cancel()
-	return c.fsys.manager.DeleteInstanceSnapshot(mctx, c.instance, name)
+	refs := func() []snapshot.SnapshotRef {
+		s, err := c.fsys.instances.InstanceSnapshot(mctx, c.instance, name)
+		if err != nil {
+			return nil
+		}
+		var out []snapshot.SnapshotRef
+		for _, d := range s.Disks {
+			out = append(out, snapshot.SnapshotRef{Volume: d.Volume, Snapshot: d.Snapshot})
+		}
+		return out
+	}
+	return c.fsys.deleteWaiting(mctx, refs, func() error {
+		return c.fsys.manager.DeleteInstanceSnapshot(mctx, c.instance, name)
+	})
 }
 
 func (c instanceSnapshotsContents) snapshotDir(s snapshot.InstanceSnapshot) *dir {

@@ -83,6 +83,7 @@ func Mount(mountpoint string, cfg Config) (*Server, error) {
 	}
 	fsys := newFilesystem(cfg)
 	if err := sweepStaging(fsys.staging); err != nil {
+		fsys.cancel()
 		return nil, fmt.Errorf("staging directory: %w", err)
 	}
 	mountOpts := []string{"default_permissions"}

@@ -36,6 +36,7 @@ type filesystem struct {
 	// manager deletes snapshots, snapshots instances and holds the
 	// snapshots whose files are open, so that rmdir gets EBUSY.
 	manager *snapshot.Manager
+	closing closingFiles
 
 	// ctx ends with the mount: long mutations started by a request stop
 	// when the filesystem goes away, not when the request is interrupted

@@ -91,7 +91,10 @@ func (c snapshotsContents) mkdir(ctx context.Context, name string) (treeNode, er
 func (c snapshotsContents) rmdir(ctx context.Context, name string) error {
 	mctx, cancel := c.fsys.mutationContext(ctx)
 	defer cancel()
-	return c.fsys.manager.DeleteSnapshot(mctx, c.volume, name)
+	ref := []snapshot.SnapshotRef{{Volume: c.volume, Snapshot: name}}
+	return c.fsys.deleteWaiting(mctx, func() []snapshot.SnapshotRef { return ref }, func() error {
+		return c.fsys.manager.DeleteSnapshot(mctx, c.volume, name)
+	})
 }
 
 // snapshotDir returns the directory of snapshot s. Its entry is cached

@@ -343,3 +343,25 @@ func TestInstances(t *testing.T) {
 		}
 	}
 }
+
+// TestRmdirAfterClose: the kernel releases a file after close(2) returns;
+// an rmdir right after reading a snapshot must not see it still open.
+func TestRmdirAfterClose(t *testing.T) {
+	store := newStore(t)
+	newVolume(t, store, "v", 4<<20, "write -P 1 0 1M")
+	m := testMount(t, store)
+	snap := m.path("volumes/v/snapshots/s")
+	for i := range 20 {
+		if err := os.Mkdir(snap, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range []string{"disk.raw", "disk.qcow2"} {
+			if _, err := os.ReadFile(filepath.Join(snap, f)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := os.Remove(snap); err != nil {
+			t.Fatalf("round %d: rmdir right after close: %v", i, err)
+		}
+	}
+}
