@@ -6,7 +6,7 @@
 # change and touches no network but the Go module cache check.
 set -euo pipefail
 
-packages=(qemu-utils fuse3 gcc)
+packages=(qemu-utils fuse3 gcc rsync)
 
 missing=()
 for p in "${packages[@]}"; do
