@@ -4,7 +4,8 @@
 #   make build   bin/snapfs, one static binary
 #   make test    vet, every test, then each fuzz target for FUZZTIME
 #   make bench   benchmarks against qemu-img (BENCHFLAGS for smaller runs)
-#   make run     the README's first command
+#   make run     mount the default store at ./mnt (the README's first command)
+#   make demo    show snapfs info and convert on a generated qcow2 chain
 #   make fmt     gofmt every file
 #   make clean   remove what the targets above made
 
@@ -20,7 +21,7 @@ BENCHFLAGS ?=
 # snapshot and fs still build with CGO_ENABLED=0.
 BUILD_CGO ?= 0
 
-.PHONY: all deps build test vet fuzz bench run fmt clean
+.PHONY: all deps build test vet fuzz bench run demo fmt clean
 
 all: build
 
@@ -44,7 +45,11 @@ bench: deps build
 	CGO_ENABLED=0 $(GO) build -o bin/qcowbench ./bench/cmd/qcowbench
 	./bin/qcowbench -snapfs bin/snapfs -work .bench $(BENCHFLAGS)
 
-run: build
+run: deps build
+	bash scripts/run.sh bin/snapfs mnt
+
+# The engine alone: info and convert on a qcow2 chain made with qemu-img.
+demo: build
 	bash scripts/demo.sh bin/snapfs .run
 
 fmt:

@@ -36,4 +36,4 @@ show "$snapfs" convert -O qcow2 -c zstd top.qcow2 flat.qcow2
 show qemu-img check flat.qcow2
 show qemu-img compare top.qcow2 flat.qcow2
 show "$snapfs" info --json flat.qcow2
-echo "The images are in $(pwd). The mount (snapfs mount) will replace this demo."
+echo "The images are in $(pwd). `make run` mounts a store; this demo shows the engine alone."
