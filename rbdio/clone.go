@@ -84,7 +84,11 @@ func (p *Pool) CloneInto(ctx context.Context, vol, snap string, dst *Pool, newNa
 	if err := opts.SetUint64(rbd.ImageOptionCloneFormat, format); err != nil {
 		return snapshot.Volume{}, wrap("clone options", err)
 	}
-	err = rbd.CloneImage(p.ioctx, vol, snap, dst.ioctx, newName, opts)
+	io, err := p.io()
+	if err != nil {
+		return snapshot.Volume{}, err
+	}
+	err = rbd.CloneImage(io, vol, snap, dst.ioctx, newName, opts)
 	if errnoOf(err) == syscall.EEXIST {
 		return snapshot.Volume{}, fmt.Errorf("%w: volume %q", snapshot.ErrExists, newName)
 	}
@@ -159,7 +163,11 @@ func (p *Pool) Flatten(ctx context.Context, vol string, progress func(done, tota
 	if err != nil || pr == nil {
 		return err
 	}
-	err = flattenImage(ctx, p.ioctx, vol, progress)
+	io, err := p.io()
+	if err != nil {
+		return err
+	}
+	err = flattenImage(ctx, io, vol, progress)
 	if errors.Is(err, syscall.ECANCELED) && ctx.Err() != nil {
 		return ctx.Err()
 	}
@@ -216,7 +224,11 @@ func (p *Pool) Revert(ctx context.Context, vol, snap string) error {
 // rollback runs the rollback recorded in vol's metadata and then drops
 // the record. The caller holds vol's lock and no read-write handle.
 func (p *Pool) rollback(ctx context.Context, vol, snap string) error {
-	err := rollbackImage(ctx, p.ioctx, vol, snap, snapshot.ProgressFrom(ctx))
+	io, err := p.io()
+	if err != nil {
+		return err
+	}
+	err = rollbackImage(ctx, io, vol, snap, snapshot.ProgressFrom(ctx))
 	if errors.Is(err, syscall.ECANCELED) && ctx.Err() != nil {
 		return ctx.Err()
 	}

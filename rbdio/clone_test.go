@@ -318,3 +318,72 @@ func TestRevert(t *testing.T) {
 	}
 	img.Close()
 }
+
+func TestCloneAcrossPools(t *testing.T) {
+	c := ctx(t)
+	other := uniqueName(t, "snapfs-pool")
+	cli(t, "ceph", "osd", "pool", "create", other, "8", "8")
+	t.Cleanup(func() { cli(t, "ceph", "osd", "pool", "rm", other, other, "--yes-i-really-really-mean-it") })
+	cli(t, "rbd", "pool", "init", other)
+	cl, err := Open(Config{CephConf: cephConf, Pools: []string{testPool, other}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cl.Close() }) // after the cleanups of base
+	p, q := cl.Pools()[0], cl.Pools()[1]
+	if q.Name() != "rbd:"+other || cl.Pool(other) != q {
+		t.Errorf("pool %q, lookup %v", q.Name(), cl.Pool(other))
+	}
+	vol := base(t, p)
+	name := uniqueName(t, "xpool")
+	v, err := p.CloneInto(c, vol, "base", q, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.DeleteVolume(c, name)
+	// The parent is in another pool: named POOL/IMAGE.
+	if v.Parent == nil || v.Parent.Volume != testPool+"/"+vol || v.Parent.Snapshot != "base" {
+		t.Errorf("cross-pool clone parent %+v", v.Parent)
+	}
+	head, err := q.OpenHead(c, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkExport(t, head, "rbd/"+vol+"@base")
+	head.Close()
+	if err := p.DeleteSnapshot(c, vol, "base"); !errors.Is(err, snapshot.ErrBusy) || !strings.Contains(err.Error(), other+"/"+name) {
+		t.Errorf("delete a snapshot cloned into another pool: %v, want ErrBusy naming %s/%s", err, other, name)
+	}
+	if list, err := q.ListVolumes(c); err != nil || len(list) != 1 || list[0].Name != name {
+		t.Errorf("volumes of %s: %+v, %v", other, list, err)
+	}
+}
+
+func TestDeleteVolumeWithSnapshots(t *testing.T) {
+	p, c := pool(), ctx(t)
+	name := history(t, p) // s1, s2, a writer
+	if err := p.DeleteVolume(c, name); !errors.Is(err, snapshot.ErrBusy) {
+		t.Errorf("delete with a writer: %v, want ErrBusy", err)
+	}
+	// BytesUsed counts the snapshots' objects too, as rbd du does.
+	v, err := p.Volume(c, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if du := rbdDu(t, "rbd/"+name); v.BytesUsed != du {
+		t.Errorf("BytesUsed %d, rbd du %d", v.BytesUsed, du)
+	}
+	other := uniqueName(t, "delsnaps")
+	if _, err := p.CreateVolume(c, other, 4<<20); err != nil {
+		t.Fatal(err)
+	}
+	snap(t, p, other, "a")
+	snap(t, p, other, "b")
+	cli(t, "rbd", "snap", "protect", "rbd/"+other+"@a")
+	if err := p.DeleteVolume(c, other); err != nil {
+		t.Fatalf("delete a volume with a protected snapshot: %v", err)
+	}
+	if _, err := p.Volume(c, other); !errors.Is(err, snapshot.ErrNotFound) {
+		t.Errorf("after delete: %v", err)
+	}
+}

@@ -6,11 +6,15 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"os"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ceph/go-ceph/rados"
+
+	"snapfs/snapshot"
 )
 
 // DefaultTimeout bounds every request to the cluster when Config.Timeout
@@ -43,7 +47,13 @@ type Cluster struct {
 
 	mu     sync.Mutex                  // protects ioctxs
 	ioctxs map[string]*rados.IOContext // by "pool/namespace", for clone parents
-	closed bool
+
+	// closed is set by Close: librados crashes on a destroyed handle, so
+	// every call checks it first and fails instead.
+	closed atomic.Bool
+	// openImages counts the images opened and not yet closed: Close
+	// refuses while there are any.
+	openImages atomic.Int64
 }
 
 // Open connects to the cluster and opens every pool of cfg, each as a
@@ -165,8 +175,8 @@ func (c *Cluster) ioctx(pool, ns string) (*rados.IOContext, error) {
 	key := pool + "/" + ns
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.closed {
-		return nil, fmt.Errorf("%w: the cluster connection is closed", ErrConfig)
+	if c.closed.Load() {
+		return nil, errClosedCluster
 	}
 	if io := c.ioctxs[key]; io != nil {
 		return io, nil
@@ -186,15 +196,22 @@ func (c *Cluster) ioctx(pool, ns string) (*rados.IOContext, error) {
 	return io, nil
 }
 
-// Close closes the pools and the connection. Images opened from the pools
-// must be closed first.
+// errClosedCluster is returned by calls after Close.
+var errClosedCluster = fmt.Errorf("rbdio: %w: the cluster connection is closed", os.ErrClosed)
+
+// Close closes the pools and the connection. It refuses (ErrBusy) while
+// images opened from the pools are open. No call of the pools may run
+// during Close; calls after it fail.
 func (c *Cluster) Close() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.closed {
+	if c.closed.Load() {
 		return nil
 	}
-	c.closed = true
+	if n := c.openImages.Load(); n > 0 {
+		return fmt.Errorf("%w: %d images of the cluster are still open; close them first", snapshot.ErrBusy, n)
+	}
+	c.closed.Store(true)
 	for _, io := range c.ioctxs {
 		io.Destroy()
 	}

@@ -36,7 +36,11 @@
 // through librbd, splitting a large read into object-aligned pieces read
 // concurrently. A snapshot's allocation map comes from diff-iterate on
 // each image of its clone chain (whole objects), so every range is read
-// from the image that owns it, without librbd walking the parents.
+// from the image that owns it, without librbd walking the parents (at
+// depth 8 that reads as fast as a flat image; librbd's own walk is 20-40%
+// slower). A snapshot never changes, so a reader that goes forward is read
+// ahead, in 4 MiB chunks, several at once (readahead.go): FUSE asks 128 KiB
+// at a time.
 //
 // # Errors
 //

@@ -46,16 +46,19 @@ type layer struct {
 // computed on each Extents call, and reads go to layer 0, where librbd
 // follows the parents itself.
 type image struct {
-	name   string
-	size   int64
-	live   bool
-	layers []layer
+	cluster *Cluster
+	name    string
+	size    int64
+	live    bool
+	layers  []layer
 
 	closeMu sync.RWMutex // read-held by each call that uses layers; Close write-holds it
 	closed  bool
 
 	mapMu  sync.Mutex // protects owners; a failed computation is retried
 	owners []qcow.Extent
+
+	ra readahead // snapshots only: the head changes under a cache
 }
 
 var _ qcow.Image = (*image)(nil)
@@ -92,7 +95,7 @@ func (p *Pool) openChain(volume, snap string) (_ *image, err error) {
 	if err != nil {
 		return nil, err
 	}
-	im := &image{name: p.spec(volume), live: snap == ""}
+	im := &image{cluster: p.cluster, name: p.spec(volume), live: snap == ""}
 	if snap != "" {
 		im.name += "@" + snap
 	}
@@ -122,7 +125,7 @@ func (p *Pool) openChain(volume, snap string) (_ *image, err error) {
 			return nil, err
 		}
 		if pr == nil {
-			return im, nil
+			return im.opened(), nil
 		}
 		overlap, err := cur.GetOverlap()
 		if err != nil {
@@ -130,7 +133,7 @@ func (p *Pool) openChain(volume, snap string) (_ *image, err error) {
 		}
 		limit = min(limit, int64(overlap))
 		if limit == 0 {
-			return im, nil // the parent shows nowhere
+			return im.opened(), nil // the parent shows nowhere
 		}
 		if len(im.layers) > maxChain {
 			return nil, fmt.Errorf("%w: %s: clone chain deeper than %d", snapshot.ErrInvalid, im.name, maxChain)
@@ -140,6 +143,12 @@ func (p *Pool) openChain(volume, snap string) (_ *image, err error) {
 		}
 		curName = pr.pool + "/" + pr.image + "@" + pr.snap
 	}
+}
+
+// opened counts im among the cluster's open images.
+func (im *image) opened() *image {
+	im.cluster.openImages.Add(1)
+	return im
 }
 
 // Size implements [qcow.Image].
@@ -156,6 +165,9 @@ func (im *image) Close() error {
 		return nil
 	}
 	im.closed = true
+	defer im.cluster.openImages.Add(-1)
+	// Fetches take no lock (see readahead): wait for them here.
+	im.ra.wg.Wait()
 	var first error
 	for _, l := range im.layers {
 		if err := l.img.Close(); err != nil && first == nil {
@@ -342,30 +354,40 @@ func (im *image) ReadAt(p []byte, off int64) (int, error) {
 		return 0, io.EOF
 	}
 	n := int(min(int64(len(p)), im.size-off))
-	var pieces []readPiece
+	var err error
 	if im.live {
-		pieces = split(&im.layers[0], off, p[:n], pieces)
+		err = readPieces(split(&im.layers[0], off, p[:n], nil))
+	} else if ok, raErr := im.ra.read(im, p[:n], off); ok {
+		err = raErr
 	} else {
-		owners, err := im.ownerMap()
-		if err != nil {
-			return 0, err
-		}
-		for _, e := range clipExtents(owners, off, off+int64(n)) {
-			buf := p[e.Offset-off : e.End()-off]
-			if e.Kind == qcow.Data {
-				pieces = split(&im.layers[e.Layer], e.Offset, buf, pieces)
-			} else {
-				clear(buf)
-			}
-		}
+		err = im.readDirect(p[:n], off)
 	}
-	if err := readPieces(pieces); err != nil {
+	if err != nil {
 		return 0, err
 	}
 	if n < len(p) {
 		return n, io.EOF
 	}
 	return n, nil
+}
+
+// readDirect reads buf at off of a snapshot, each range from the layer
+// that owns it; buf lies within the image.
+func (im *image) readDirect(buf []byte, off int64) error {
+	owners, err := im.ownerMap()
+	if err != nil {
+		return err
+	}
+	var pieces []readPiece
+	for _, e := range clipExtents(owners, off, off+int64(len(buf))) {
+		b := buf[e.Offset-off : e.End()-off]
+		if e.Kind == qcow.Data {
+			pieces = split(&im.layers[e.Layer], e.Offset, b, pieces)
+		} else {
+			clear(b)
+		}
+	}
+	return readPieces(pieces)
 }
 
 // split appends the pieces that read buf from l at off: cut at l's object

@@ -56,6 +56,10 @@ func (p *Pool) ImportVolume(ctx context.Context, name string, src qcow.Image, me
 		return snapshot.Volume{}, err
 	}
 
+	io, err := p.io()
+	if err != nil {
+		return snapshot.Volume{}, err
+	}
 	var rnd [8]byte
 	rand.Read(rnd[:])
 	tmp := tempPrefix + hex.EncodeToString(rnd[:])
@@ -64,7 +68,7 @@ func (p *Pool) ImportVolume(ctx context.Context, name string, src qcow.Image, me
 	}
 	img, err := p.openImage(tmp, "", true)
 	if err != nil {
-		rbd.RemoveImage(p.ioctx, tmp)
+		rbd.RemoveImage(io, tmp)
 		return snapshot.Volume{}, err
 	}
 	open := true
@@ -73,7 +77,7 @@ func (p *Pool) ImportVolume(ctx context.Context, name string, src qcow.Image, me
 			img.Close()
 		}
 		if err != nil {
-			rbd.RemoveImage(p.ioctx, tmp)
+			rbd.RemoveImage(io, tmp)
 		}
 	}()
 	id, err := img.GetId()
@@ -102,7 +106,7 @@ func (p *Pool) ImportVolume(ctx context.Context, name string, src qcow.Image, me
 	if err := ctx.Err(); err != nil {
 		return snapshot.Volume{}, err
 	}
-	err = rbd.GetImage(p.ioctx, tmp).Rename(name)
+	err = rbd.GetImage(io, tmp).Rename(name)
 	if errnoOf(err) == syscall.EEXIST {
 		return snapshot.Volume{}, fmt.Errorf("%w: volume %q", snapshot.ErrExists, name)
 	}

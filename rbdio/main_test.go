@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -45,6 +46,9 @@ func runTests(m *testing.M) int {
 		}
 		defer os.RemoveAll(dir)
 		start := exec.Command("../scripts/ceph/start.sh", dir)
+		// If this binary dies before it stops the cluster (a panic, a
+		// test timeout), the script's watchdog stops it.
+		start.Env = append(os.Environ(), "CEPH_OWNER_PID="+strconv.Itoa(os.Getpid()))
 		start.Stderr = os.Stderr
 		if out, err := start.Output(); err != nil {
 			fmt.Fprintf(os.Stderr, "starting the test cluster: %v\n%s", err, out)
@@ -74,7 +78,7 @@ func runTests(m *testing.M) int {
 func pool() *Pool { return cluster.Pools()[0] }
 
 // uniqueName returns a volume name no other test uses.
-func uniqueName(t *testing.T, what string) string {
+func uniqueName(t testing.TB, what string) string {
 	var b [4]byte
 	rand.Read(b[:])
 	return what + "-" + hex.EncodeToString(b[:])
@@ -119,7 +123,7 @@ type diffExtent struct {
 // writer opens image name of the test pool read-write through a
 // connection of its own, as another client (a VM) would: it is a
 // watcher that is not us.
-func writer(t *testing.T, name string) *rbd.Image {
+func writer(t testing.TB, name string) *rbd.Image {
 	t.Helper()
 	conn, err := rados.NewConnWithUser("admin")
 	if err != nil {
@@ -129,6 +133,10 @@ func writer(t *testing.T, name string) *rbd.Image {
 		t.Fatal(err)
 	}
 	conn.SetConfigOption("err_to_stderr", "false")
+	// A VM has no timeouts, but a test must not hang.
+	for _, o := range []string{"rados_osd_op_timeout", "rados_mon_op_timeout", "client_mount_timeout"} {
+		conn.SetConfigOption(o, "30")
+	}
 	if err := conn.Connect(); err != nil {
 		t.Fatal(err)
 	}
@@ -141,9 +149,20 @@ func writer(t *testing.T, name string) *rbd.Image {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		img.Close()
-		io.Destroy()
-		conn.Shutdown()
+		// Closing waits for librbd to release the exclusive lock: bound
+		// it, so that a bug shows as a failure, not as a hung test.
+		closed := make(chan struct{})
+		go func() {
+			img.Close()
+			close(closed)
+		}()
+		select {
+		case <-closed:
+			io.Destroy()
+			conn.Shutdown()
+		case <-time.After(time.Minute):
+			t.Errorf("closing the writer of %s hung", name)
+		}
 	})
 	return img
 }

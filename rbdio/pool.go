@@ -55,6 +55,15 @@ func (p *Pool) Name() string { return "rbd:" + p.name }
 // PoolName returns the name of the RADOS pool.
 func (p *Pool) PoolName() string { return p.name }
 
+// io returns the pool's I/O context, or an error once the cluster is
+// closed (librados would crash).
+func (p *Pool) io() (*rados.IOContext, error) {
+	if p.cluster.closed.Load() {
+		return nil, errClosedCluster
+	}
+	return p.ioctx, nil
+}
+
 // spec returns "POOL/IMAGE", as rbd names an image.
 func (p *Pool) spec(image string) string { return p.name + "/" + image }
 
@@ -112,12 +121,15 @@ func (p *Pool) lockVolumes(ctx context.Context, names ...string) (release func()
 // ""), or read-write at its head. Read-only opens take no lock and
 // register no watch, so they disturb no writer.
 func (p *Pool) openImage(name, snap string, writable bool) (*rbd.Image, error) {
+	io, err := p.io()
+	if err != nil {
+		return nil, err
+	}
 	var img *rbd.Image
-	var err error
 	if writable {
-		img, err = rbd.OpenImage(p.ioctx, name, rbd.NoSnapshot)
+		img, err = rbd.OpenImage(io, name, rbd.NoSnapshot)
 	} else {
-		img, err = rbd.OpenImageReadOnly(p.ioctx, name, rbd.NoSnapshot)
+		img, err = rbd.OpenImageReadOnly(io, name, rbd.NoSnapshot)
 	}
 	if err != nil {
 		if errnoOf(err) == syscall.ENOENT {
@@ -148,7 +160,11 @@ func lookupName(name string) error {
 // ListVolumes implements [snapshot.Backend]: the images whose names can
 // be volume names, sorted.
 func (p *Pool) ListVolumes(ctx context.Context) ([]snapshot.Volume, error) {
-	names, err := rbd.GetImageNames(p.ioctx)
+	io, err := p.io()
+	if err != nil {
+		return nil, err
+	}
+	names, err := rbd.GetImageNames(io)
 	if err != nil {
 		return nil, wrap("ls "+p.name, err)
 	}
@@ -420,9 +436,13 @@ func (p *Pool) CreateVolume(ctx context.Context, name string, size int64) (snaps
 
 // create creates image name with the pool's defaults.
 func (p *Pool) create(name string, size int64) error {
+	io, err := p.io()
+	if err != nil {
+		return err
+	}
 	opts := rbd.NewRbdImageOptions()
 	defer opts.Destroy()
-	err := rbd.CreateImage(p.ioctx, name, uint64(size), opts)
+	err = rbd.CreateImage(io, name, uint64(size), opts)
 	if errnoOf(err) == syscall.EEXIST {
 		return fmt.Errorf("%w: volume %q", snapshot.ErrExists, name)
 	}
@@ -474,7 +494,11 @@ func (p *Pool) DeleteVolume(ctx context.Context, name string) error {
 			return err
 		}
 	}
-	err = rbd.RemoveImage(p.ioctx, name)
+	io, err := p.io()
+	if err != nil {
+		return err
+	}
+	err = rbd.RemoveImage(io, name)
 	switch errnoOf(err) {
 	case 0:
 		return nil
@@ -520,7 +544,7 @@ func (p *Pool) checkUnused(img *rbd.Image, name string) error {
 // temp image that no client watches has no importer left. Best effort: an
 // image it cannot check or remove is left for the next time.
 func (p *Pool) sweep() {
-	names, err := rbd.GetImageNames(p.ioctx)
+	names, err := rbd.GetImageNames(p.ioctx) // from Open: not closed
 	if err != nil {
 		return
 	}

@@ -315,3 +315,66 @@ func TestImportAtomic(t *testing.T) {
 func runCmd(name string, args ...string) ([]byte, error) {
 	return exec.Command(name, args...).CombinedOutput()
 }
+
+func TestClosedCluster(t *testing.T) {
+	c := ctx(t)
+	cl, err := Open(Config{CephConf: cephConf, Pools: []string{testPool}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := cl.Pools()[0]
+	name := uniqueName(t, "closed")
+	if _, err := p.CreateVolume(c, name, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	defer pool().DeleteVolume(c, name)
+	im, err := p.OpenHead(c, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cl.Close(); !errors.Is(err, snapshot.ErrBusy) {
+		t.Errorf("Close with an open image: %v, want ErrBusy", err)
+	}
+	im.Close()
+	if err := cl.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// Calls after Close fail; librados would crash.
+	if _, err := p.Volume(c, name); !errors.Is(err, os.ErrClosed) {
+		t.Errorf("Volume after Close: %v, want os.ErrClosed", err)
+	}
+	if _, err := p.ListVolumes(c); !errors.Is(err, os.ErrClosed) {
+		t.Errorf("ListVolumes after Close: %v, want os.ErrClosed", err)
+	}
+	if _, err := p.CreateVolume(c, uniqueName(t, "x"), 1<<20); !errors.Is(err, os.ErrClosed) {
+		t.Errorf("CreateVolume after Close: %v, want os.ErrClosed", err)
+	}
+}
+
+func TestOpenErrors(t *testing.T) {
+	for _, tc := range []struct {
+		cfg  Config
+		want error
+	}{
+		{Config{CephConf: cephConf}, ErrConfig},
+		{Config{CephConf: cephConf, Pools: []string{"rbd", "rbd"}}, ErrConfig},
+		{Config{CephConf: cephConf, Pools: []string{"no-such-pool"}}, ErrConfig},
+		{Config{CephConf: "/nonexistent/ceph.conf", Pools: []string{"rbd"}}, ErrConfig},
+		{Config{CephConf: cephConf, ID: "nobody", Pools: []string{"rbd"}, Timeout: 5 * time.Second}, ErrConfig},
+	} {
+		if cl, err := Open(tc.cfg); !errors.Is(err, tc.want) {
+			t.Errorf("Open(%+v): %v, want %v", tc.cfg, err, tc.want)
+			if cl != nil {
+				cl.Close()
+			}
+		}
+	}
+	// A cluster that is not there: a timeout, in time.
+	conf := filepath.Join(t.TempDir(), "ceph.conf")
+	os.WriteFile(conf, []byte("[global]\nmon host = 127.0.0.1:9\nauth client required = none\n"), 0o600)
+	start := time.Now()
+	_, err := Open(Config{CephConf: conf, Pools: []string{"rbd"}, Timeout: 2 * time.Second})
+	if !errors.Is(err, ErrTimeout) || time.Since(start) > 10*time.Second {
+		t.Errorf("Open of a dead cluster: %v after %v, want ErrTimeout within the timeout", err, time.Since(start))
+	}
+}

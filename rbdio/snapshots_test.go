@@ -5,7 +5,11 @@ package rbdio
 import (
 	"bytes"
 	"errors"
+	"fmt"
+	"io"
+	mathrand "math/rand/v2"
 	"strings"
+	"sync"
 	"testing"
 
 	"snapfs/qcow"
@@ -287,5 +291,62 @@ func TestCreateSnapshotsConsistency(t *testing.T) {
 	// A volume open by another client is not deleted.
 	if err := p.DeleteVolume(c, b); !errors.Is(err, snapshot.ErrBusy) {
 		t.Errorf("delete a volume open by another client: %v, want ErrBusy", err)
+	}
+}
+
+func TestConcurrentReads(t *testing.T) {
+	p, c := pool(), ctx(t)
+	name := history(t, p)
+	want := rbdExport(t, "rbd/"+name+"@s2")
+	im, err := p.OpenSnapshot(c, name, "s2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer im.Close()
+	// Sequential readers from different places (readahead for each, in
+	// one cache), and random reads, all at once.
+	var wg sync.WaitGroup
+	errs := make(chan string, 16)
+	for r, start := range []int64{0, 0, 5<<20 + 3, 17 << 20} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			step := int64(128<<10 + r*4096)
+			buf := make([]byte, step)
+			for off := start; off < im.Size(); off += step {
+				n, err := im.ReadAt(buf, off)
+				if err != nil && !(errors.Is(err, io.EOF) && off+int64(n) == im.Size()) {
+					errs <- err.Error()
+					return
+				}
+				if !bytes.Equal(buf[:n], want[off:off+int64(n)]) {
+					errs <- fmt.Sprintf("reader %d: wrong data at %d", r, off)
+					return
+				}
+			}
+		}()
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		rng := mathrand.New(mathrand.NewPCG(1, 2))
+		for range 200 {
+			off := rng.Int64N(im.Size())
+			buf := make([]byte, rng.IntN(3<<20)+1)
+			n, err := im.ReadAt(buf, off)
+			if err != nil && !errors.Is(err, io.EOF) {
+				errs <- err.Error()
+				return
+			}
+			if !bytes.Equal(buf[:n], want[off:off+int64(n)]) {
+				errs <- fmt.Sprintf("random read: wrong data at %d+%d", off, len(buf))
+				return
+			}
+		}
+	}()
+	wg.Wait()
+	close(errs)
+	for e := range errs {
+		t.Error(e)
 	}
 }

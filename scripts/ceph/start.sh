@@ -19,6 +19,9 @@
 #   CEPH_STORE_BYTES  the capacity the OSD advertises (default 4 GiB; memstore
 #                     uses RAM only for what is written)
 #   CEPH_WAIT         seconds to wait for the cluster (default 120)
+#   CEPH_OWNER_PID    a process whose end stops the cluster (a test binary
+#                     that may die before it runs stop.sh: a panic, a
+#                     timeout, kill -9); stop.sh ends this watchdog too
 #
 # Debian packages: ceph-mon ceph-osd ceph-mgr ceph-common.
 set -euo pipefail
@@ -197,6 +200,14 @@ until h=$(ceph -c "$CONF" health 2>/dev/null) && [[ $h == HEALTH_OK* || $h == HE
 	((SECONDS < deadline)) || die "cluster health: $h"
 	sleep 0.3
 done
+if [[ -n ${CEPH_OWNER_PID:-} ]]; then
+	[[ $CEPH_OWNER_PID =~ ^[0-9]+$ ]] || die "CEPH_OWNER_PID=$CEPH_OWNER_PID is not a PID"
+	# Detached, with no open stdout: whoever reads ours must see EOF.
+	setsid bash -c 'while kill -0 "$1" 2>/dev/null; do sleep 1; done; exec "$2" "$3"' \
+		snapfs-ceph-watchdog "$CEPH_OWNER_PID" "$(cd "$(dirname "$0")" && pwd -P)/stop.sh" "$DIR" \
+		</dev/null >>"$DIR/log/watchdog.log" 2>&1 &
+	echo $! >"$DIR/run/watchdog.pid"
+fi
 printf 'export CEPH_CONF=%q\n' "$CONF" >"$DIR/env"
 log "ready in $((SECONDS - t0)) s: $h"
 echo "CEPH_CONF=$CONF"

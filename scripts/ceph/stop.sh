@@ -18,6 +18,18 @@ ours() {
 	[[ -r /proc/$1/cmdline ]] && tr '\0' '\n' <"/proc/$1/cmdline" | grep -qxF -- "$CONF"
 }
 
+# The watchdog of start.sh (CEPH_OWNER_PID) goes first, so that it cannot
+# stop a later cluster in the same DIR. It is ours if it names DIR. When the
+# watchdog itself runs this script, its PID is our parent's: leave it be.
+if [[ -e $DIR/run/watchdog.pid ]]; then
+	pid=$(<"$DIR/run/watchdog.pid") || true
+	if [[ $pid =~ ^[0-9]+$ && $pid != "$PPID" && $pid != $$ && -r /proc/$pid/cmdline ]] &&
+		tr '\0' '\n' <"/proc/$pid/cmdline" | grep -qxF -- "$DIR"; then
+		kill -TERM "$pid" 2>/dev/null || true
+	fi
+	rm -f "$DIR/run/watchdog.pid"
+fi
+
 for pf in "$DIR"/run/osd.*.pid "$DIR"/run/mgr.*.pid "$DIR"/run/mon.*.pid; do
 	[[ -e $pf ]] || continue
 	pid=$(<"$pf") || true

@@ -1,0 +1,26 @@
+//go:build ceph && cgo
+
+package main
+
+import (
+	"snapfs/rbdio"
+	"snapfs/snapshot"
+)
+
+// cephBuilt says that this binary has the Ceph RBD backend.
+const cephBuilt = true
+
+// openCeph connects to the cluster of c and returns one backend per pool
+// (named "rbd:POOL"), in the order given, and the function that closes
+// the connection once the backends are no longer used.
+func openCeph(c *cephFlags) ([]snapshot.Backend, func() error, error) {
+	cl, err := rbdio.Open(rbdio.Config{CephConf: c.conf, ID: c.id, Keyring: c.keyring, Pools: c.pools, Timeout: c.timeout})
+	if err != nil {
+		return nil, nil, err
+	}
+	var out []snapshot.Backend
+	for _, p := range cl.Pools() {
+		out = append(out, p)
+	}
+	return out, cl.Close, nil
+}

@@ -1,0 +1,19 @@
+//go:build !(ceph && cgo)
+
+package main
+
+import (
+	"errors"
+
+	"snapfs/snapshot"
+)
+
+// cephBuilt says that this binary lacks the Ceph RBD backend (built
+// without -tags ceph, or with CGO_ENABLED=0).
+const cephBuilt = false
+
+// openCeph refuses: the flags exist in every build, so that --help is the
+// same everywhere and the error says how to get Ceph support.
+func openCeph(c *cephFlags) ([]snapshot.Backend, func() error, error) {
+	return nil, nil, errors.New("this snapfs was built without Ceph support: rebuild it with CGO_ENABLED=1 go build -tags ceph,pacific ./cmd/snapfs (Ceph 16; see the rbdio package for other releases)")
+}
