@@ -3,11 +3,14 @@ module snapfs
 go 1.26
 
 require (
-	github.com/ceph/go-ceph v0.34.0 // indirect
-	github.com/hanwen/go-fuse/v2 v2.9.0 // indirect
+	github.com/ceph/go-ceph v0.34.0
+	github.com/hanwen/go-fuse/v2 v2.9.0
+	github.com/klauspost/compress v1.18.0
+	github.com/spf13/cobra v1.8.1
+	github.com/spf13/pflag v1.0.5
+)
+
+require (
 	github.com/inconshreveable/mousetrap v1.1.0 // indirect
-	github.com/klauspost/compress v1.18.0 // indirect
-	github.com/spf13/cobra v1.8.1 // indirect
-	github.com/spf13/pflag v1.0.5 // indirect
 	golang.org/x/sys v0.33.0 // indirect
 )

@@ -6,7 +6,11 @@
 # change and touches no network but the Go module cache check.
 set -euo pipefail
 
-packages=(qemu-utils fuse3 gcc rsync)
+# qemu-utils: qemu-img and qemu-io, the oracles of the tests; fuse3:
+# fusermount3; gcc, librados-dev, librbd-dev: the Ceph backend (cgo);
+# ceph-mon, ceph-osd, ceph-mgr, ceph-common: the one-node test cluster of
+# scripts/ceph/start.sh; rbd-fuse: its peer in the benchmarks; rsync: tests.
+packages=(qemu-utils fuse3 gcc rsync librados-dev librbd-dev ceph-mon ceph-osd ceph-mgr ceph-common rbd-fuse)
 
 missing=()
 for p in "${packages[@]}"; do

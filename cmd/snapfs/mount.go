@@ -26,12 +26,13 @@ var mountFlags struct {
 	debug      bool
 	uid, gid   uint32
 	umask      string
+	ceph       cephFlags
 }
 
 // mountCmd is `snapfs mount`: the store as a filesystem, in the
 // foreground.
 var mountCmd = &cobra.Command{
-	Use:   "mount [--store DIR] [--read-only] [--allow-other] [--debug] [--uid N --gid N --umask M] MOUNTPOINT",
+	Use:   "mount [--store DIR] [--ceph-conf FILE [--ceph-id ID] --pool POOL] [--read-only] [--allow-other] [--debug] [--uid N --gid N --umask M] MOUNTPOINT",
 	Short: "Show the store's volumes, snapshots and instances as files",
 	Long: `mount shows the store as a filesystem on MOUNTPOINT, in the foreground, until
 it is unmounted: Ctrl-C (SIGINT) or SIGTERM here, or fusermount3 -u MOUNTPOINT
@@ -61,6 +62,7 @@ func init() {
 	f.Uint32Var(&mountFlags.uid, "uid", uint32(os.Getuid()), "owner of every file")
 	f.Uint32Var(&mountFlags.gid, "gid", uint32(os.Getgid()), "group of every file")
 	f.StringVar(&mountFlags.umask, "umask", "077", "permission bits to clear, in octal (\"other\" is always cleared)")
+	addCephFlags(f, &mountFlags.ceph)
 	rootCmd.AddCommand(mountCmd)
 }
 
@@ -86,10 +88,30 @@ func runMount(cmd *cobra.Command, args []string) error {
 	}
 	defer store.Close()
 
+	// The local store serves volumes/ and instances/, unless an RBD pool
+	// is named: then volumes/ are the pool's images, and the local store
+	// only keeps the staging area of imports.
+	var backend snapshot.Backend = store
+	var instances snapshot.InstanceProvider = store
+	shown := store.Dir()
+	if mountFlags.ceph.enabled() {
+		pools, closeCeph, err := openCeph(&mountFlags.ceph)
+		if err != nil {
+			return err
+		}
+		// Images must be closed before the cluster, and they are once
+		// the mount is gone.
+		defer closeCeph()
+		if len(pools) != 1 {
+			return usageError{fmt.Errorf("--pool: name one pool per mount (got %d); mount each pool on its own mount point", len(pools))}
+		}
+		backend, instances, shown = pools[0], nil, pools[0].Name()
+	}
+
 	stderr := cmd.ErrOrStderr()
 	srv, err := fs.Mount(mountpoint, fs.Config{
-		Backend:    store,
-		Instances:  store,
+		Backend:    backend,
+		Instances:  instances,
 		ReadOnly:   mountFlags.readOnly,
 		AllowOther: mountFlags.allowOther,
 		UID:        mountFlags.uid,
@@ -103,7 +125,7 @@ func runMount(cmd *cobra.Command, args []string) error {
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stderr, "snapfs: %s mounted on %s; Ctrl-C or fusermount3 -u %s unmounts\n", store.Dir(), srv.Mountpoint(), srv.Mountpoint())
+	fmt.Fprintf(stderr, "snapfs: %s mounted on %s; Ctrl-C or fusermount3 -u %s unmounts\n", shown, srv.Mountpoint(), srv.Mountpoint())
 
 	unmounted := make(chan struct{})
 	go func() {
