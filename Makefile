@@ -47,6 +47,7 @@ fuzz:
 bench: deps build
 	CGO_ENABLED=0 $(GO) build -o bin/qcowbench ./bench/cmd/qcowbench
 	./bin/qcowbench -snapfs bin/snapfs -work .bench $(BENCHFLAGS)
+	bash bench/mount.sh .bench/mount
 
 run: deps build
 	bash scripts/run.sh bin/snapfs mnt
