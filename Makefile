@@ -14,6 +14,7 @@ export PATH := $(PATH):/usr/local/go/bin
 GO ?= go
 FUZZTIME ?= 10s
 BENCHFLAGS ?=
+MOUNTBENCHFLAGS ?=
 
 # bin/snapfs holds the Ceph RBD backend, which needs cgo and librbd: TAGS
 # names the Ceph release go-ceph compiles against (rbdio/doc.go has the
@@ -44,10 +45,15 @@ test: deps build vet
 fuzz:
 	FUZZTIME=$(FUZZTIME) bash scripts/fuzz.sh
 
+# The engine (qcowbench, issue 2), then the mount (mountbench, issue 3).
+# Both take -size, -layers, -runs, -drop-caches, -verify and -keep, so
+# BENCHFLAGS='-size 256M -runs 1' makes a quick run of both;
+# MOUNTBENCHFLAGS goes to mountbench alone (-depth-size 128M, -cases 23).
 bench: deps build
 	CGO_ENABLED=0 $(GO) build -o bin/qcowbench ./bench/cmd/qcowbench
+	CGO_ENABLED=0 $(GO) build -o bin/mountbench ./bench/cmd/mountbench
 	./bin/qcowbench -snapfs bin/snapfs -work .bench $(BENCHFLAGS)
-	bash bench/mount.sh .bench/mount
+	./bin/mountbench -snapfs bin/snapfs -work .bench/mount $(BENCHFLAGS) $(MOUNTBENCHFLAGS)
 
 run: deps build
 	bash scripts/run.sh bin/snapfs mnt

@@ -1,22 +1,17 @@
 package main
 
 import (
-	"bytes"
 	"fmt"
-	"math/rand/v2"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strings"
 	"time"
+
+	"snapfs/bench/internal/images"
 )
 
 // imagesVersion changes whenever the images the harness makes change, so
 // that old ones in -work are not reused.
 const imagesVersion = "1"
-
-// chunk bounds one qemu-io write: qemu-io holds the whole buffer in memory.
-const chunk = 64 << 20
 
 // denseChain makes (or reuses) the dense chain of cases a-c and returns the
 // path of its top layer. Layer i writes the i-th slice of the disk and a
@@ -30,7 +25,7 @@ func (b *bench) denseChain() (string, error) {
 	for i := 0; i < cfg.layers; i++ {
 		b.inputs = append([]string{filepath.Join(dir, fmt.Sprintf("layer%d.qcow2", i))}, b.inputs...)
 	}
-	if reusable(dir) {
+	if images.Reusable(dir, imagesVersion) {
 		return top, nil
 	}
 	fmt.Fprintf(b.out, "making a dense chain of %d layers, %s, in %s ...\n", cfg.layers, formatSize(cfg.size), dir)
@@ -48,7 +43,7 @@ func (b *bench) denseChain() (string, error) {
 		if i > 0 {
 			args = append(args, "-b", fmt.Sprintf("layer%d.qcow2", i-1), "-F", "qcow2")
 		}
-		if err := tool(dir, "qemu-img", append(args, name, fmt.Sprint(cfg.size))...); err != nil {
+		if err := images.Tool(dir, "qemu-img", append(args, name, fmt.Sprint(cfg.size))...); err != nil {
 			return "", err
 		}
 		start := max(int64(i)*slice-slice/4, 0)
@@ -56,16 +51,16 @@ func (b *bench) denseChain() (string, error) {
 		if i == cfg.layers-1 {
 			end = cfg.size
 		}
-		pattern, err := writePattern(dir, fmt.Sprintf("pattern%d", i), uint64(i))
+		pattern, err := images.WritePattern(dir, fmt.Sprintf("pattern%d", i), uint64(i))
 		if err != nil {
 			return "", err
 		}
-		if err := writeRange(dir, name, pattern, start, end-start); err != nil {
+		if err := images.WriteRange(dir, name, pattern, start, end-start); err != nil {
 			return "", err
 		}
 		os.Remove(pattern)
 	}
-	return top, markDone(dir)
+	return top, images.MarkDone(dir, imagesVersion)
 }
 
 // sparseImage makes (or reuses) a qcow2 image of the given virtual size
@@ -73,7 +68,7 @@ func (b *bench) denseChain() (string, error) {
 func (b *bench) sparseImage(virtual, data int64) (string, error) {
 	dir := filepath.Join(b.cfg.work, fmt.Sprintf("sparse-%d-%d", virtual, data))
 	img := filepath.Join(dir, "sparse.qcow2")
-	if reusable(dir) {
+	if images.Reusable(dir, imagesVersion) {
 		return img, nil
 	}
 	fmt.Fprintf(b.out, "making a sparse image, %s virtual with %s of data, in %s ...\n", formatSize(virtual), formatSize(data), dir)
@@ -84,10 +79,10 @@ func (b *bench) sparseImage(virtual, data int64) (string, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", err
 	}
-	if err := tool(dir, "qemu-img", "create", "-q", "-f", "qcow2", "sparse.qcow2", fmt.Sprint(virtual)); err != nil {
+	if err := images.Tool(dir, "qemu-img", "create", "-q", "-f", "qcow2", "sparse.qcow2", fmt.Sprint(virtual)); err != nil {
 		return "", err
 	}
-	pattern, err := writePattern(dir, "pattern", 99)
+	pattern, err := images.WritePattern(dir, "pattern", 99)
 	if err != nil {
 		return "", err
 	}
@@ -95,12 +90,12 @@ func (b *bench) sparseImage(virtual, data int64) (string, error) {
 	runLen := max(data/runs&^(64<<10-1), 64<<10)
 	stride := virtual / runs &^ (64<<10 - 1)
 	for i := int64(0); i < runs; i++ {
-		if err := writeRange(dir, "sparse.qcow2", pattern, i*stride, runLen); err != nil {
+		if err := images.WriteRange(dir, "sparse.qcow2", pattern, i*stride, runLen); err != nil {
 			return "", err
 		}
 	}
 	os.Remove(pattern)
-	return img, markDone(dir)
+	return img, images.MarkDone(dir, imagesVersion)
 }
 
 // sparseCase is case d: a raw export of a huge sparse image must take the
@@ -151,57 +146,4 @@ func (b *bench) sparseCase() error {
 // took reports how long making images took.
 func (b *bench) took(start time.Time) {
 	fmt.Fprintf(b.out, "  made in %.1f s\n", time.Since(start).Seconds())
-}
-
-// writePattern writes a pattern file for qemu-io write -s: 1 MiB and a bit
-// (so that clusters differ from each other) of data that compresses about
-// as well as a real disk does, half random bytes and half text.
-func writePattern(dir, name string, seed uint64) (string, error) {
-	rng := rand.New(rand.NewPCG(seed, 0x5eed))
-	words := strings.Fields("the of and to in is was for on that with as by at from qcow2 snapshot volume cluster layer image disk block")
-	var buf bytes.Buffer
-	for buf.Len() < 1<<20+4096+int(seed)*512 {
-		for i := 0; i < 256; i++ {
-			buf.WriteByte(byte(rng.Uint32()))
-		}
-		for n := 0; n < 256; {
-			w := words[rng.IntN(len(words))] + " "
-			buf.WriteString(w)
-			n += len(w)
-		}
-	}
-	path := filepath.Join(dir, name)
-	return path, os.WriteFile(path, buf.Bytes(), 0o644)
-}
-
-// writeRange fills [off, off+length) of img with the pattern, with qemu-io,
-// chunk by chunk.
-func writeRange(dir, img, pattern string, off, length int64) error {
-	var args []string
-	for pos := off; pos < off+length; pos += chunk {
-		args = append(args, "-c", fmt.Sprintf("write -q -s %s %d %d", pattern, pos, min(chunk, off+length-pos)))
-	}
-	return tool(dir, "qemu-io", append(args, img)...)
-}
-
-// tool runs a qemu tool in dir.
-func tool(dir, name string, args ...string) error {
-	cmd := exec.Command(name, args...)
-	cmd.Dir = dir
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("%s %s: %v: %s", name, strings.Join(args, " "), err, strings.TrimSpace(string(out)))
-	}
-	return nil
-}
-
-// reusable says whether dir holds images made by this version of the
-// harness, complete.
-func reusable(dir string) bool {
-	got, err := os.ReadFile(filepath.Join(dir, "done"))
-	return err == nil && string(got) == imagesVersion
-}
-
-// markDone marks the images in dir as complete.
-func markDone(dir string) error {
-	return os.WriteFile(filepath.Join(dir, "done"), []byte(imagesVersion), 0o644)
 }

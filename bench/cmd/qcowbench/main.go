@@ -32,8 +32,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
+
+	"snapfs/bench/internal/measure"
 )
 
 // config is what the flags say.
@@ -115,20 +116,7 @@ func parseFlags(args []string) (*config, error) {
 }
 
 // parseSize parses "2G", "256M", "1T", "4096" (bytes).
-func parseSize(s string) (int64, error) {
-	mult := int64(1)
-	if n := len(s); n > 0 {
-		if i := strings.IndexByte("KMGT", s[n-1]&^0x20); i >= 0 {
-			mult = 1 << (10 * (i + 1))
-			s = s[:n-1]
-		}
-	}
-	v, err := strconv.ParseInt(s, 10, 64)
-	if err != nil || v <= 0 || v > (1<<62)/mult {
-		return 0, fmt.Errorf("bad size %q (want a positive number with an optional K, M, G or T)", s)
-	}
-	return v * mult, nil
-}
+var parseSize = measure.ParseSize
 
 func run(cfg *config, w io.Writer) error {
 	for _, tool := range []string{cfg.snapfs, "qemu-img", "qemu-io"} {
@@ -149,7 +137,7 @@ func run(cfg *config, w io.Writer) error {
 		return err
 	}
 	b := &bench{cfg: cfg, snapfs: snapfs, out: w}
-	b.cold = cfg.dropCaches && dropCaches() == nil
+	b.cold = cfg.dropCaches && measure.DropCaches() == nil
 	cache := "page cache dropped before each run"
 	if !b.cold {
 		cache = "page cache warmed before each run (dropping it needs root)"

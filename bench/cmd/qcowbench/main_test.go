@@ -9,24 +9,6 @@ import (
 	"testing"
 )
 
-func TestParseSize(t *testing.T) {
-	for _, tc := range []struct {
-		in   string
-		want int64
-	}{
-		{"4096", 4096}, {"64k", 64 << 10}, {"256M", 256 << 20}, {"2G", 2 << 30}, {"1T", 1 << 40},
-	} {
-		if got, err := parseSize(tc.in); err != nil || got != tc.want {
-			t.Errorf("parseSize(%q) = %d, %v; want %d", tc.in, got, err, tc.want)
-		}
-	}
-	for _, bad := range []string{"", "G", "-1G", "0", "1.5G", "2X", "99999999T"} {
-		if got, err := parseSize(bad); err == nil {
-			t.Errorf("parseSize(%q) = %d, want an error", bad, got)
-		}
-	}
-}
-
 func TestParseFlags(t *testing.T) {
 	cfg, err := parseFlags(nil)
 	if err != nil {

@@ -1,16 +1,16 @@
 package main
 
 import (
-	"bytes"
 	"fmt"
 	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strings"
 	"syscall"
 	"time"
+
+	"snapfs/bench/internal/measure"
 )
 
 // bench holds the state of one benchmark run.
@@ -43,7 +43,7 @@ type sample struct {
 
 // throughput in MiB/s.
 func (s sample) throughput() float64 {
-	return float64(s.bytes) / (1 << 20) / s.time.Seconds()
+	return measure.MiBps(s.bytes, s.time)
 }
 
 // measure runs cmd cfg.runs times, each on a cold (or equally warm) cache,
@@ -57,12 +57,12 @@ func (b *bench) measure(cmd command, inputs []string, out string, work int64) (s
 		if err := b.prepareCache(inputs); err != nil {
 			return s, err
 		}
-		elapsed, rss, err := timeCommand(cmd, out)
+		r, err := measure.Run(exec.Command(cmd.path, cmd.args...), out)
 		if err != nil {
 			return s, err
 		}
-		times = append(times, elapsed)
-		s.rssKiB = max(s.rssKiB, rss)
+		times = append(times, r.Time)
+		s.rssKiB = max(s.rssKiB, r.PeakRSSKB)
 		var st syscall.Stat_t
 		if err := syscall.Stat(out, &st); err != nil {
 			return s, fmt.Errorf("%s made no output: %w", cmd, err)
@@ -75,93 +75,22 @@ func (b *bench) measure(cmd command, inputs []string, out string, work int64) (s
 		}
 	}
 	os.Remove(out)
-	slices.Sort(times)
-	s.time = times[len(times)/2]
+	s.time = measure.Median(times)
 	return s, nil
-}
-
-// timeCommand runs cmd and then fsyncs out, and returns the time of both
-// and the peak RSS of the child in KiB.
-func timeCommand(cmd command, out string) (time.Duration, int64, error) {
-	var stderr bytes.Buffer
-	c := exec.Command(cmd.path, cmd.args...)
-	c.Stderr = &stderr
-	start := time.Now()
-	if err := c.Run(); err != nil {
-		return 0, 0, fmt.Errorf("%s: %v: %s", cmd, err, strings.TrimSpace(stderr.String()))
-	}
-	if err := fsyncFile(out); err != nil {
-		return 0, 0, err
-	}
-	elapsed := time.Since(start)
-	var rss int64
-	if ru, ok := c.ProcessState.SysUsage().(*syscall.Rusage); ok {
-		rss = ru.Maxrss // KiB on Linux
-	}
-	return elapsed, rss, nil
-}
-
-func fsyncFile(path string) error {
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	return f.Sync()
 }
 
 // prepareCache makes the page cache the same for every run: empty when the
 // harness may drop it, else holding every input.
 func (b *bench) prepareCache(inputs []string) error {
 	if b.cold {
-		return dropCaches()
+		return measure.DropCaches()
 	}
 	for _, in := range inputs {
-		if err := warm(in); err != nil {
+		if err := measure.Warm(in); err != nil {
 			return err
 		}
 	}
 	return nil
-}
-
-// dropCaches writes dirty pages out and drops the page cache, so both tools
-// read their input from the disk.
-func dropCaches() error {
-	syscall.Sync()
-	return os.WriteFile("/proc/sys/vm/drop_caches", []byte("3\n"), 0o644)
-}
-
-// warm reads the file at path into the page cache.
-func warm(path string) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	// Seek to data and skip holes: a 1 TiB sparse image is read in the
-	// time of its data.
-	buf := make([]byte, 1<<20)
-	var off int64
-	for {
-		data, err := f.Seek(off, 3) // SEEK_DATA
-		if err != nil {
-			return nil // ENXIO: no more data
-		}
-		hole, err := f.Seek(data, 4) // SEEK_HOLE
-		if err != nil {
-			return err
-		}
-		for off = data; off < hole; {
-			n, err := f.ReadAt(buf[:min(int64(len(buf)), hole-off)], off)
-			off += int64(n)
-			if err == io.EOF {
-				return nil
-			}
-			if err != nil {
-				return err
-			}
-		}
-	}
 }
 
 // compare runs qemu-img compare on two images.
@@ -204,16 +133,4 @@ func (b *bench) pair(name string, s, q sample) {
 }
 
 // formatSize renders a byte count with a binary unit ("1.5 GiB").
-func formatSize(n int64) string {
-	units := []string{"B", "KiB", "MiB", "GiB", "TiB", "PiB"}
-	v := float64(n)
-	i := 0
-	for v >= 1024 && i < len(units)-1 {
-		v /= 1024
-		i++
-	}
-	if i == 0 {
-		return fmt.Sprintf("%d B", n)
-	}
-	return fmt.Sprintf("%.3g %s", v, units[i])
-}
+var formatSize = measure.FormatSize
