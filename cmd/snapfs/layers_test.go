@@ -67,7 +67,7 @@ func TestLayersCatch(t *testing.T) {
 	}{
 		{"snapfs/qcow fmt github.com/klauspost/compress/zstd", false},
 		{"snapfs/qcow snapfs/snapshot", true},
-		{"snapfs/snapshot snapfs/qcow snapfs/rbdio", false},
+		{"snapfs/snapshot snapfs/qcow snapfs/rbdio", true}, // rbdio is cgo: only cmd wires it in,
 		{"snapfs/snapshot snapfs/fs", true},
 		{"snapfs/fs snapfs/snapshot snapfs/qcow", false},
 		{"snapfs/fs snapfs/cmd/snapfs", true},
@@ -111,7 +111,7 @@ func layerViolations(lines []string) []string {
 				ok = ok || matches(allowed, imp)
 			}
 			if !ok {
-				problems = append(problems, pkg+" imports "+imp+": dependencies point cmd -> fs -> snapshot -> {qcow, rbdio}")
+				problems = append(problems, pkg+" imports "+imp+": dependencies point cmd -> fs -> snapshot -> qcow, and the cgo backends (rbdio, virt) sit beside fs, wired in by cmd")
 			}
 		}
 	}
