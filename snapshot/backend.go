@@ -16,6 +16,20 @@
 // consistent instance snapshots (freeze, snapshot, always thaw) and holds
 // that keep open snapshots from being deleted.
 //
+// Optional interfaces, which Manager checks for its callers: [Cloner]
+// (copy-on-write clones and flatten), [Reverter] (a head back to a
+// snapshot) and [Restorer] (several volumes and an instance created at
+// once, for restores). The local store implements them all.
+//
+// # Exports and restores
+//
+// FullExport and IncrementalExport build the qcow2 files the mount serves
+// (disk.qcow2, since/S1.qcow2) over any backend; exchange.go defines the
+// meta.json files beside them (VolumeSnapshotMeta, InstanceSnapshotMeta),
+// and restore.go turns a copied-out snapshot folder back into volumes and
+// an instance (RestoreDir, RestoreVolume, RestoreInstance), treating every
+// file as hostile.
+//
 // # Errors
 //
 // Backends return errors wrapping the sentinels below (ErrNotFound,
@@ -92,6 +106,17 @@ type Volume struct {
 	// `qemu-img info --backing-chain` does (local store: file paths;
 	// a clone's chain goes on into its parent volume's layers).
 	Chain []string `json:"chain,omitempty"`
+	// Flatten is set while the volume, a clone, is being flattened
+	// (Cloner.Flatten), by this process or another one.
+	Flatten *Progress `json:"flatten,omitempty"`
+}
+
+// Progress is how far a long operation has got, in bytes.
+type Progress struct {
+	Done  int64 `json:"done"`
+	Total int64 `json:"total"`
+	// Started is when the operation began.
+	Started time.Time `json:"started"`
 }
 
 // Snapshot describes one immutable snapshot.
@@ -110,6 +135,9 @@ type Snapshot struct {
 	// Path is where the snapshot's layer lives, for qemu-img (local store:
 	// the read-only qcow2 file whose backing chain is the snapshot).
 	Path string `json:"path,omitempty"`
+	// Clones lists the volumes cloned from this snapshot, sorted: while
+	// there are any, the snapshot cannot be deleted.
+	Clones []string `json:"clones,omitempty"`
 }
 
 // SnapshotOptions go with a new snapshot.
@@ -155,8 +183,40 @@ type Backend interface {
 	// OpenHead returns the flattened live head (it may change as it is read).
 	OpenHead(ctx context.Context, volume string) (qcow.Image, error)
 	// Changed returns the extents of snapshot to that differ from snapshot
-	// from (same volume chain), as they read in to (Data or Zero).
+	// from (same volume chain), as they read in to: Data, or Zero where to
+	// reads zeros and from did not. from "" means every extent of to that
+	// holds something. A backend may report more than what differs (a
+	// range rewritten with the same bytes, or whole objects where its
+	// diff is coarse: see RefineChanged), never less.
 	Changed(ctx context.Context, volume, from, to string) ([]qcow.Extent, error)
+}
+
+// Cloner is implemented by backends that make copy-on-write clones (the
+// local store, Ceph RBD). Callers check for it with a type assertion, or go
+// through [Manager], which returns ErrUnsupported for other backends.
+type Cloner interface {
+	// Clone creates volume newName as a copy-on-write clone of snapshot
+	// of volume, in O(1): it reads through the snapshot until written, and
+	// its Parent names the snapshot, which cannot be deleted (ErrBusy)
+	// while the clone exists.
+	Clone(ctx context.Context, volume, snapshot, newName string) (Volume, error)
+	// Flatten copies into volume, a clone, everything it still reads
+	// from its parent, then cuts the link (Parent becomes nil). The
+	// context's progress function (WithProgress) sees the copy, and
+	// Volume.Flatten shows it meanwhile. Safe to interrupt at any point:
+	// the volume reads the same throughout, and a new Flatten starts
+	// again. A volume without a parent is left as it is.
+	Flatten(ctx context.Context, volume string) error
+}
+
+// Reverter is implemented by backends that can make a volume's head read
+// as one of its snapshots again.
+type Reverter interface {
+	// Revert makes the head of volume read exactly as snapshot reads;
+	// what the head held is dropped, and every snapshot is kept. Safe to
+	// interrupt: the head reads as before, or as the snapshot. ErrBusy
+	// while a VM (qemu) has the head open.
+	Revert(ctx context.Context, volume, snapshot string) error
 }
 
 // Disk is one disk of an instance.

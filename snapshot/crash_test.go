@@ -58,6 +58,12 @@ func crashChild(op string) error {
 		_, err = importFile(ctx, s, "imported", os.Getenv(crashSrcEnv), nil)
 	case "volume-delete":
 		err = s.DeleteVolume(ctx, "loose")
+	case "flatten":
+		err = s.Flatten(ctx, "kid")
+	case "revert":
+		err = s.Revert(ctx, "vm", "s2")
+	case "restore":
+		_, err = RestoreDir(ctx, s, os.Getenv(crashSrcEnv), "")
 	default:
 		err = fmt.Errorf("unknown op %q", op)
 	}
@@ -120,6 +126,7 @@ func runChild(t *testing.T, op, store, src, point string) {
 // head, and every instance snapshot record.
 type storeState struct {
 	volumes   map[string]state
+	parents   map[string]string   // volume -> "VOL@SNAP" of a clone, "" for none
 	instances map[string][]string // instance -> its snapshot names
 }
 
@@ -128,13 +135,21 @@ type storeState struct {
 func captureStore(t *testing.T, s *LocalStore, oracle bool) storeState {
 	t.Helper()
 	ctx := context.Background()
-	st := storeState{volumes: map[string]state{}, instances: map[string][]string{}}
+	st := storeState{volumes: map[string]state{}, parents: map[string]string{}, instances: map[string][]string{}}
 	vols, err := s.ListVolumes(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, v := range vols {
 		st.volumes[v.Name] = captureWith(t, s, v.Name, oracle)
+		if v.Parent != nil {
+			st.parents[v.Name] = v.Parent.Volume + "@" + v.Parent.Snapshot
+		} else {
+			st.parents[v.Name] = ""
+		}
+		if v.Flatten != nil {
+			t.Errorf("volume %s shows a flatten in progress: %+v", v.Name, v.Flatten)
+		}
 	}
 	insts, err := s.ListInstances(ctx)
 	if err != nil {
@@ -158,6 +173,9 @@ func equalStores(a, b storeState) string {
 	if fmt.Sprint(a.instances) != fmt.Sprint(b.instances) {
 		return fmt.Sprintf("instance snapshots %v != %v", a.instances, b.instances)
 	}
+	if fmt.Sprint(a.parents) != fmt.Sprint(b.parents) {
+		return fmt.Sprintf("clone parents %v != %v", a.parents, b.parents)
+	}
 	if len(a.volumes) != len(b.volumes) {
 		return fmt.Sprintf("%d volumes != %d", len(a.volumes), len(b.volumes))
 	}
@@ -179,7 +197,8 @@ func equalStores(a, b storeState) string {
 }
 
 // crashFixture makes a store with volume vm (snapshots s1..s4 and a
-// written head), volume other, instance inst over both, volume loose, and
+// written head), volume kid cloned from vm@s3 (snapshot k1 and a written
+// head), volume other, instance inst over vm and other, volume loose, and
 // an image to import. withInstanceSnapshot adds instance snapshot isnap.
 func crashFixture(t *testing.T, withInstanceSnapshot bool) (dir, src string) {
 	t.Helper()
@@ -190,6 +209,12 @@ func crashFixture(t *testing.T, withInstanceSnapshot bool) (dir, src string) {
 	}
 	defer s.Close()
 	buildChain(t, s, "vm")
+	if _, err := s.Clone(context.Background(), "vm", "s3", "kid"); err != nil {
+		t.Fatal(err)
+	}
+	writeHead(t, s, "kid", "write -P 0x81 0 64k", "write -z 1536k 64k")
+	mustSnapshot(t, s, "kid", "k1")
+	writeHead(t, s, "kid", "write -P 0x82 3M 64k")
 	mustVolume(t, s, "other", 2<<20)
 	writeHead(t, s, "other", "write -P 0x99 1M 64k")
 	mustVolume(t, s, "loose", 1<<20)
@@ -228,6 +253,12 @@ func TestCrash(t *testing.T) {
 		// Once marked, an instance snapshot delete is finished by the
 		// next open, wherever it was cut.
 		{op: "instance-delete", instSnap: true, after: []string{PauseInstanceDeleteMarked, PauseDeleteMerged, PauseDeleteCommitted}},
+		// Once the standalone bottom layer is in place, the next open
+		// cuts the link.
+		{op: "flatten", before: []string{PauseFlattenCopying, PauseFlattenCopied}, after: []string{PauseFlattenRenamed}},
+		{op: "revert", before: []string{PauseRevertCopying, PauseRevertWritten}, after: []string{PauseRevertCommitted}},
+		// A restore of inst@isnap: all of it, or nothing.
+		{op: "restore", instSnap: true, before: []string{PauseRestoreConverting, PauseRestoreWritten}},
 	} {
 		t.Run(c.op, func(t *testing.T) {
 			t.Parallel()
@@ -236,6 +267,11 @@ func TestCrash(t *testing.T) {
 			// copy of the fixture (a store can be moved: it holds no
 			// absolute path).
 			fixture, src := crashFixture(t, c.instSnap)
+			if c.op == "restore" {
+				// The folder the mount serves, copied out.
+				src = filepath.Join(t.TempDir(), "isnap")
+				exportInstanceSnapshot(t, reopen(t, fixture), "inst", "isnap", src)
+			}
 			before := captureStore(t, reopen(t, copyDir(t, fixture)), true)
 			doneDir := copyDir(t, fixture)
 			runChild(t, c.op, doneDir, src, "")

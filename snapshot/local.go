@@ -21,12 +21,14 @@ package snapshot
 // removed only after the metadata that referred to them is committed. A
 // layer is only ever replaced (never modified) by renaming a new file over
 // it, and only by one that reads exactly as the old one did (the merge of
-// a snapshot delete, which commits its intent first: see deleteSnapshot).
-// So after a kill -9 at any point the metadata refers only to complete
-// files that read as it says, and the worst left over is a file nobody
-// refers to, which the sweep in OpenLocal removes; OpenLocal also finishes
-// what a crash interrupted once it could no longer be undone (a merged
-// child in place, an instance snapshot delete under way).
+// a snapshot delete, and the standalone bottom layer of a flatten, which
+// both commit their intent first: see deleteSnapshot and Flatten). So
+// after a kill -9 at any point the metadata refers only to complete files
+// that read as it says, and the worst left over is a file nobody refers
+// to, which the sweep in OpenLocal removes; OpenLocal also finishes what a
+// crash interrupted once it could no longer be undone (a merged child or a
+// flattened bottom layer in place, an instance snapshot delete under way),
+// except on volumes another live process is working on (it settles them).
 //
 // # Lock order
 //
@@ -167,11 +169,11 @@ func (s *LocalStore) metaPath() string             { return filepath.Join(s.dir,
 func (s *LocalStore) layerPath(file string) string { return filepath.Join(s.layers, file) }
 
 // recoverStore writes an empty store.json into a new store, sweeps what
-// crashes left, settles interrupted snapshot deletes (resolveMerge) and
-// resumes interrupted instance snapshot deletions.
+// crashes left, settles interrupted snapshot deletes and flattens (settle)
+// and resumes interrupted instance snapshot deletions.
 func (s *LocalStore) recoverStore(ctx context.Context) error {
 	var pending []InstanceSnapshot
-	var merging []string
+	var unsettled []string
 	err := s.withMetaLock(ctx, func() error {
 		m, err := s.load()
 		if err != nil {
@@ -186,8 +188,8 @@ func (s *LocalStore) recoverStore(ctx context.Context) error {
 			return err
 		}
 		for name, v := range m.Volumes {
-			if v.Merging != "" {
-				merging = append(merging, name)
+			if v.Merging != "" || v.Flatten != nil {
+				unsettled = append(unsettled, name)
 			}
 		}
 		for inName, in := range m.Instances {
@@ -202,12 +204,19 @@ func (s *LocalStore) recoverStore(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	for _, vol := range merging {
-		release, err := s.lockVolumes(ctx, vol)
+	for _, vol := range unsettled {
+		// A volume whose lock is held is being worked on by a live
+		// process (a flatten or a merge in the mount): it settles the
+		// volume itself, and waiting for it here would hang every
+		// command for as long as its copy takes.
+		release, ok, err := s.tryLockVolume(vol)
 		if err != nil {
 			return err
 		}
-		err = s.resolveMerge(ctx, vol)
+		if !ok {
+			continue
+		}
+		err = s.settle(ctx, vol)
 		release()
 		if err != nil {
 			return err
@@ -352,9 +361,7 @@ func (s *LocalStore) commit(ctx context.Context, change func(m *storeMeta) error
 func (s *LocalStore) lockVolumes(ctx context.Context, names ...string) (release func(), err error) {
 	var keys []int64
 	for _, n := range names {
-		h := fnv.New64a()
-		h.Write([]byte(n))
-		keys = append(keys, volumeKeyBase+int64(h.Sum64()%(1<<40)))
+		keys = append(keys, volumeKey(n))
 	}
 	slices.Sort(keys)
 	keys = slices.Compact(keys)
@@ -378,6 +385,62 @@ func (s *LocalStore) lockVolumes(ctx context.Context, names ...string) (release 
 		held = append(held, k)
 	}
 	return release, nil
+}
+
+// volumeKey is the offset of volume name's byte in the lock file.
+func volumeKey(name string) int64 {
+	h := fnv.New64a()
+	h.Write([]byte(name))
+	return volumeKeyBase + int64(h.Sum64()%(1<<40))
+}
+
+// tryLockVolume takes the lock of one volume if nobody, in this process or
+// another, holds it; ok is false when someone does.
+func (s *LocalStore) tryLockVolume(name string) (release func(), ok bool, err error) {
+	k := volumeKey(name)
+	s.keysMu.Lock()
+	kl := s.keys[k]
+	if kl == nil {
+		kl = &keyLock{ch: make(chan struct{}, 1)}
+		s.keys[k] = kl
+	}
+	kl.refs++
+	s.keysMu.Unlock()
+	select {
+	case kl.ch <- struct{}{}:
+	default:
+		s.dropKey(k, kl)
+		return nil, false, nil
+	}
+	if err := tryLock(s.lock, syscall.F_WRLCK, k, 1); err != nil {
+		s.unlockKey(k)
+		if err == errLocked {
+			return nil, false, nil
+		}
+		return nil, false, err
+	}
+	return func() {
+		unlock(s.lock, k, 1)
+		s.unlockKey(k)
+	}, true, nil
+}
+
+// volumeBusy reports whether someone holds (or waits for) the lock of
+// volume name: this process, or another one. It tells a live operation
+// from the mark a crashed one left in the metadata.
+func (s *LocalStore) volumeBusy(name string) bool {
+	k := volumeKey(name)
+	s.keysMu.Lock()
+	_, here := s.keys[k]
+	s.keysMu.Unlock()
+	if here {
+		return true
+	}
+	lk := syscall.Flock_t{Type: syscall.F_WRLCK, Whence: 0, Start: k, Len: 1}
+	if err := syscall.FcntlFlock(s.lock.Fd(), fOFDGetlk, &lk); err != nil {
+		return false
+	}
+	return lk.Type != syscall.F_UNLCK
 }
 
 func (s *LocalStore) lockKey(ctx context.Context, k int64) error {
@@ -488,6 +551,25 @@ func (s *LocalStore) openChain(file string) (*qcow.Chain, error) {
 	}
 	format := qcow.FormatQcow2
 	return qcow.Open(f, qcow.Options{Open: s.openBacking, Cache: s.cache, Format: &format})
+}
+
+// openChainNames is openChain that also returns the file names of the
+// layers it opened, top first.
+func (s *LocalStore) openChainNames(file string) (*qcow.Chain, []string, error) {
+	f, err := qcow.OpenFile(s.layerPath(file))
+	if err != nil {
+		return nil, nil, err
+	}
+	names := []string{file}
+	format := qcow.FormatQcow2
+	c, err := qcow.Open(f, qcow.Options{Cache: s.cache, Format: &format, Open: func(ref qcow.BackingRef) (qcow.File, error) {
+		f, err := s.openBacking(ref)
+		if err == nil {
+			names = append(names, ref.Name)
+		}
+		return f, err
+	}})
+	return c, names, err
 }
 
 // openResolved opens the chain of the file that resolve picks from the
@@ -625,11 +707,17 @@ func (s *LocalStore) toVolume(m *storeMeta, name string, v *volumeMeta) Volume {
 	for _, f := range m.chainBelow(v, len(v.Layers)-1) {
 		vol.Chain = append(vol.Chain, s.layerPath(f))
 	}
+	// The mark of a flatten that no live process runs (it crashed) is
+	// not progress: the next open or mutation clears it.
+	if v.Flatten != nil && s.volumeBusy(name) {
+		p := *v.Flatten
+		vol.Flatten = &p
+	}
 	return vol
 }
 
 // toSnapshot describes the snapshot at layer i of volume name.
-func (s *LocalStore) toSnapshot(name string, v *volumeMeta, i int) Snapshot {
+func (s *LocalStore) toSnapshot(m *storeMeta, name string, v *volumeMeta, i int) Snapshot {
 	sm := v.Layers[i].Snapshot
 	snap := Snapshot{
 		Volume:      name,
@@ -640,6 +728,7 @@ func (s *LocalStore) toSnapshot(name string, v *volumeMeta, i int) Snapshot {
 		Metadata:    copyMetadata(sm.Metadata),
 		Instance:    sm.Instance,
 		Path:        s.layerPath(v.Layers[i].File),
+		Clones:      m.clonesOf(name, sm.Name),
 	}
 	for j := i - 1; j >= 0; j-- {
 		if p := v.Layers[j].Snapshot; p != nil {
@@ -767,7 +856,8 @@ func (s *LocalStore) DeleteVolume(ctx context.Context, name string) error {
 			return fmt.Errorf("%w: volume %q is a disk of instance %s", ErrBusy, name, strings.Join(users, ", "))
 		}
 		if clones := m.clonesOf(name, ""); len(clones) > 0 {
-			return fmt.Errorf("%w: volume %q has clones (%s)", ErrBusy, name, strings.Join(clones, ", "))
+			return fmt.Errorf("%w: volume %q has clones (%s); flatten them (snapfs volume flatten) or delete them first",
+				ErrBusy, name, strings.Join(clones, ", "))
 		}
 		files = append(files, v.Head)
 		for _, l := range v.Layers {
@@ -822,85 +912,9 @@ func (s *LocalStore) OpenHead(ctx context.Context, volume string) (qcow.Image, e
 // (at once, or by the next OpenLocal). The context's progress function
 // (WithProgress) sees the copy.
 func (s *LocalStore) ImportVolume(ctx context.Context, name string, src qcow.Image, meta map[string]string) (Volume, error) {
-	if err := CheckVolumeName(name); err != nil {
+	spec := RestoreSpec{Volumes: []VolumeRestore{{Name: name, Image: src, Metadata: meta}}}
+	if err := s.createVolumes(ctx, spec, PauseImportConverting, PauseImportWritten); err != nil {
 		return Volume{}, err
 	}
-	if err := checkImportSize(src.Size()); err != nil {
-		return Volume{}, err
-	}
-	src = padToSector(src)
-	size := src.Size()
-	if err := checkMetadata(meta); err != nil {
-		return Volume{}, err
-	}
-	release, err := s.lockVolumes(ctx, name)
-	if err != nil {
-		return Volume{}, err
-	}
-	defer release()
-	if m, err := s.load(); err != nil {
-		return Volume{}, err
-	} else if m.Volumes[name] != nil {
-		return Volume{}, fmt.Errorf("%w: volume %q", ErrExists, name)
-	}
-
-	var files []*newFile
-	committed := false
-	defer func() {
-		for _, nf := range files {
-			if committed {
-				nf.release()
-			} else {
-				nf.discard()
-			}
-		}
-	}()
-	base, err := s.createFile(newLayerName(), true)
-	if err != nil {
-		return Volume{}, err
-	}
-	files = append(files, base)
-	err = qcow.Convert(ctx, base.f, src, qcow.ConvertOptions{
-		Format:   qcow.FormatQcow2,
-		Progress: progressWithPause(ctx, PauseImportConverting),
-	})
-	if err != nil {
-		return Volume{}, importRefusal(err)
-	}
-	if err := base.publish(0o400); err != nil {
-		return Volume{}, err
-	}
-	head, err := s.createFile(newLayerName(), true)
-	if err != nil {
-		return Volume{}, err
-	}
-	files = append(files, head)
-	if err := qcow.CreateOverlay(head.f, size, 0, filepath.Base(base.final), "qcow2"); err != nil {
-		return Volume{}, err
-	}
-	if err := head.publish(0o600); err != nil {
-		return Volume{}, err
-	}
-	if err := s.syncLayers(); err != nil {
-		return Volume{}, err
-	}
-	pauseAt(PauseImportWritten)
-	err = s.commit(ctx, func(m *storeMeta) error {
-		if m.Volumes[name] != nil {
-			return fmt.Errorf("%w: volume %q", ErrExists, name)
-		}
-		m.Volumes[name] = &volumeMeta{
-			Created:  now(),
-			Size:     size,
-			Layers:   []layerMeta{{File: filepath.Base(base.final)}},
-			Head:     filepath.Base(head.final),
-			Metadata: copyMetadata(meta),
-		}
-		return nil
-	})
-	if err != nil {
-		return Volume{}, err
-	}
-	committed = true
 	return s.Volume(ctx, name)
 }

@@ -49,6 +49,10 @@ type volumeMeta struct {
 	// Merging names the snapshot being deleted, while its child may
 	// already skip its layer (see deleteSnapshot).
 	Merging string `json:"merging,omitempty"`
+	// Flatten is set while the clone is being flattened: the progress,
+	// and the mark that a crash may have left the bottom layer already
+	// flattened (see Flatten).
+	Flatten *Progress `json:"flatten,omitempty"`
 }
 
 // layerMeta is one read-only layer. Most layers are snapshots; an

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"slices"
@@ -26,7 +27,7 @@ func (s *LocalStore) ListSnapshots(ctx context.Context, volume string) ([]Snapsh
 	out := []Snapshot{}
 	for i, l := range v.Layers {
 		if l.Snapshot != nil {
-			out = append(out, s.toSnapshot(volume, v, i))
+			out = append(out, s.toSnapshot(m, volume, v, i))
 		}
 	}
 	return out, nil
@@ -42,7 +43,7 @@ func (s *LocalStore) Snapshot(ctx context.Context, volume, name string) (Snapsho
 	if err != nil {
 		return Snapshot{}, err
 	}
-	return s.toSnapshot(volume, v, i), nil
+	return s.toSnapshot(m, volume, v, i), nil
 }
 
 // CreateSnapshots implements [Backend]. Each volume's head becomes the
@@ -89,7 +90,7 @@ func (s *LocalStore) createSnapshots(ctx context.Context, volumes []string, name
 	}
 	defer release()
 	for _, vol := range volumes {
-		if err := s.resolveMerge(ctx, vol); err != nil {
+		if err := s.settle(ctx, vol); err != nil {
 			return nil, err
 		}
 	}
@@ -236,7 +237,7 @@ func (s *LocalStore) deleteSnapshot(ctx context.Context, volume, name, owner str
 		return err
 	}
 	defer release()
-	if err := s.resolveMerge(ctx, volume); err != nil {
+	if err := s.settle(ctx, volume); err != nil {
 		return err
 	}
 	m, err := s.load()
@@ -383,7 +384,8 @@ func deletable(m *storeMeta, volume string, v *volumeMeta, i int, owner string) 
 			ErrBusy, sm.Name, volume, sm.Instance, sm.Name)
 	}
 	if clones := m.clonesOf(volume, sm.Name); len(clones) > 0 {
-		return fmt.Errorf("%w: snapshot %q of volume %q has clones (%s)", ErrBusy, sm.Name, volume, strings.Join(clones, ", "))
+		return fmt.Errorf("%w: snapshot %q of volume %q has clones (%s); flatten them (snapfs volume flatten) or delete them first",
+			ErrBusy, sm.Name, volume, strings.Join(clones, ", "))
 	}
 	return nil
 }
@@ -468,103 +470,91 @@ func (s *LocalStore) OpenSnapshot(ctx context.Context, volume, name string) (qco
 }
 
 // Changed implements [Backend]: the extents of snapshot to owned by the
-// layers above snapshot from's layer. A merge may have moved into them
-// clusters that read the same as in from, so the result can be larger
-// than the true difference, never smaller. from "" means everything that
-// to allocates.
+// layers above snapshot from's layer (what was written since), minus the
+// zeroed ranges that from read as zeros already. A cluster the guest
+// rewrote with the same bytes counts as changed, as in every block-level
+// change tracking; comparing the data would read it all twice (see
+// RefineChanged). A snapshot delete merges layers but never moves a
+// cluster across from's layer, so the answer stays the same. from ""
+// means everything that to allocates with data.
 func (s *LocalStore) Changed(ctx context.Context, volume, from, to string) ([]qcow.Extent, error) {
-	depth := -1
-	chain, err := s.openResolved(ctx, func(m *storeMeta) (string, error) {
+	var toFile, fromFile string
+	resolve := func() error {
+		m, err := s.load()
+		if err != nil {
+			return err
+		}
 		v, ti, err := m.snapshotLayer(volume, to)
 		if err != nil {
-			return "", err
+			return err
 		}
+		toFile = v.Layers[ti].File
 		if from != "" {
 			_, fi, err := m.snapshotLayer(volume, from)
 			if err != nil {
-				return "", err
+				return err
 			}
 			if fi >= ti {
-				return "", fmt.Errorf("%w: snapshot %q is not older than %q", ErrInvalid, from, to)
+				return fmt.Errorf("%w: snapshot %q is not older than %q", ErrInvalid, from, to)
 			}
-			depth = ti - fi
+			fromFile = v.Layers[fi].File
 		}
-		return v.Layers[ti].File, nil
-	})
+		return nil
+	}
+	if from == "" {
+		chain, err := s.openResolved(ctx, func(*storeMeta) (string, error) { err := resolve(); return toFile, err })
+		if err != nil {
+			return nil, err
+		}
+		defer chain.Close()
+		ext, err := chain.Extents(0, chain.Size())
+		if err != nil {
+			return nil, err
+		}
+		// Against nothing: zeros are no change.
+		out := []qcow.Extent{}
+		for _, e := range ext {
+			if e.Kind == qcow.Data {
+				out = append(out, e)
+			}
+		}
+		return out, nil
+	}
+	// from's chain first: once open it reads as from did, whatever
+	// happens to the store; then to's, in which from's layer is found by
+	// file name (a merge replaces a file by one of the same name that
+	// reads the same, and may drop a layer between from and to).
+	fromChain, err := s.openResolved(ctx, func(*storeMeta) (string, error) { err := resolve(); return fromFile, err })
 	if err != nil {
 		return nil, err
 	}
-	defer chain.Close()
-	if depth < 0 {
-		depth = chain.Depth()
+	defer fromChain.Close()
+	var chain *qcow.Chain
+	depth := -1
+	for attempt := 0; depth < 0; attempt++ {
+		var names []string
+		chain, names, err = s.openChainNames(toFile)
+		if err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return nil, err
+		}
+		if err == nil {
+			if depth = slices.Index(names, fromFile); depth < 0 {
+				chain.Close()
+			}
+		}
+		if depth < 0 {
+			if attempt == 4 {
+				return nil, fmt.Errorf("%w: snapshot %q of volume %q is being deleted", ErrNotFound, from, volume)
+			}
+			if err := resolve(); err != nil {
+				return nil, err
+			}
+		}
 	}
+	defer chain.Close()
 	ext, err := chain.Extents(0, chain.Size())
 	if err != nil {
 		return nil, err
 	}
-	return qcow.ExtentsAbove(ext, depth), nil
-}
-
-// CloneVolume creates volume name as a copy-on-write clone of a snapshot:
-// an empty head whose backing file is the snapshot's layer. O(1); the
-// clone reads through its parent until written, and the parent snapshot
-// cannot be deleted while the clone exists.
-func (s *LocalStore) CloneVolume(ctx context.Context, name string, parent SnapshotRef) (Volume, error) {
-	if err := CheckVolumeName(name); err != nil {
-		return Volume{}, err
-	}
-	release, err := s.lockVolumes(ctx, name, parent.Volume)
-	if err != nil {
-		return Volume{}, err
-	}
-	defer release()
-	m, err := s.load()
-	if err != nil {
-		return Volume{}, err
-	}
-	if m.Volumes[name] != nil {
-		return Volume{}, fmt.Errorf("%w: volume %q", ErrExists, name)
-	}
-	pv, pi, err := m.snapshotLayer(parent.Volume, parent.Snapshot)
-	if err != nil {
-		return Volume{}, err
-	}
-	if depth := 1 + len(m.chainBelow(pv, pi)); depth > qcow.DefaultMaxDepth {
-		return Volume{}, fmt.Errorf("%w: the clone would have %d layers, more than the %d a chain may have",
-			ErrUnsupported, depth, qcow.DefaultMaxDepth)
-	}
-	head, err := s.createFile(newLayerName(), true)
-	if err != nil {
-		return Volume{}, err
-	}
-	err = qcow.CreateOverlay(head.f, pv.Size, 0, pv.Layers[pi].File, "qcow2")
-	if err == nil {
-		err = head.publish(0o600)
-	}
-	if err == nil {
-		err = s.syncLayers()
-	}
-	if err == nil {
-		err = s.commit(ctx, func(m *storeMeta) error {
-			if m.Volumes[name] != nil {
-				return fmt.Errorf("%w: volume %q", ErrExists, name)
-			}
-			pv, pi, err := m.snapshotLayer(parent.Volume, parent.Snapshot)
-			if err != nil {
-				return err
-			}
-			if sm := pv.Layers[pi].Snapshot; pv.Merging == sm.Name || sm.Instance != "" && m.instanceSnapshotDeleting(sm.Instance, sm.Name) {
-				return fmt.Errorf("%w: snapshot %q of volume %q is being deleted", ErrNotFound, parent.Snapshot, parent.Volume)
-			}
-			p := parent
-			m.Volumes[name] = &volumeMeta{Created: now(), Size: pv.Size, Parent: &p, Head: filepath.Base(head.final)}
-			return nil
-		})
-	}
-	if err != nil {
-		head.discard()
-		return Volume{}, err
-	}
-	head.release()
-	return s.Volume(ctx, name)
+	return DropUnchangedZeros(fromChain, qcow.ExtentsAbove(ext, depth))
 }

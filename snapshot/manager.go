@@ -199,3 +199,45 @@ func (m *Manager) SnapshotInstance(ctx context.Context, instance, name string, m
 	}
 	return snap, err
 }
+
+// Clone makes volume newName a copy-on-write clone of snapshot snap of
+// volume, through the backend's [Cloner]; ErrUnsupported when it has none.
+func (m *Manager) Clone(ctx context.Context, volume, snap, newName string) (Volume, error) {
+	c, ok := m.Backend.(Cloner)
+	if !ok {
+		return Volume{}, fmt.Errorf("%w: backend %s makes no clones", ErrUnsupported, m.Backend.Name())
+	}
+	return c.Clone(ctx, volume, snap, newName)
+}
+
+// Flatten cuts a clone from its parent (see [Cloner]); ErrUnsupported when
+// the backend makes no clones. The context's progress function
+// (WithProgress) sees the copy.
+func (m *Manager) Flatten(ctx context.Context, volume string) error {
+	c, ok := m.Backend.(Cloner)
+	if !ok {
+		return fmt.Errorf("%w: backend %s makes no clones", ErrUnsupported, m.Backend.Name())
+	}
+	return c.Flatten(ctx, volume)
+}
+
+// Revert makes the head of volume read as snapshot snap again (see
+// [Reverter]); ErrUnsupported when the backend cannot.
+func (m *Manager) Revert(ctx context.Context, volume, snap string) error {
+	r, ok := m.Backend.(Reverter)
+	if !ok {
+		return fmt.Errorf("%w: backend %s cannot revert a volume", ErrUnsupported, m.Backend.Name())
+	}
+	return r.Revert(ctx, volume, snap)
+}
+
+// RestoreDir restores a snapshot folder copied out of the mount (see
+// RestoreDir) through the backend's [Restorer]; ErrUnsupported when it has
+// none.
+func (m *Manager) RestoreDir(ctx context.Context, dir, name string) (Restored, error) {
+	r, ok := m.Backend.(Restorer)
+	if !ok {
+		return Restored{}, fmt.Errorf("%w: backend %s cannot restore snapshot folders", ErrUnsupported, m.Backend.Name())
+	}
+	return RestoreDir(ctx, r, dir, name)
+}

@@ -45,6 +45,28 @@ const (
 	// PauseInstanceDeleteMarked: an instance snapshot is marked for
 	// deletion, its disk snapshots not yet deleted.
 	PauseInstanceDeleteMarked = "instance-delete-marked"
+	// PauseFlattenCopying: the flatten mark is committed and the
+	// standalone bottom layer is being written.
+	PauseFlattenCopying = "flatten-copying"
+	// PauseFlattenCopied: the standalone bottom layer is written, not yet
+	// renamed over the old one.
+	PauseFlattenCopied = "flatten-copied"
+	// PauseFlattenRenamed: the standalone bottom layer is in place; the
+	// metadata still names the parent (the next open finishes).
+	PauseFlattenRenamed = "flatten-renamed"
+	// PauseRevertCopying: the new head is being written (a revert to an
+	// older snapshot than the newest).
+	PauseRevertCopying = "revert-copying"
+	// PauseRevertWritten: the new head is written, not yet committed.
+	PauseRevertWritten = "revert-written"
+	// PauseRevertCommitted: the new head is committed, the old one's file
+	// not yet removed.
+	PauseRevertCommitted = "revert-committed"
+	// PauseRestoreConverting: the volumes of a restore are being written.
+	PauseRestoreConverting = "restore-converting"
+	// PauseRestoreWritten: every file of a restore is written, the
+	// metadata not yet committed.
+	PauseRestoreWritten = "restore-written"
 )
 
 var pausePoint = os.Getenv(PauseEnv)

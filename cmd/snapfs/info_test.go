@@ -324,7 +324,7 @@ func TestInfoErrors(t *testing.T) {
 
 	luks := filepath.Join(dir, "luks.qcow2")
 	qemutest.Img(t, "create", "-f", "qcow2", "--object", "secret,id=sec0,data=hunter2",
-		"-o", "encrypt.format=luks,encrypt.key-secret=sec0", luks, "1M")
+		"-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", luks, "1M")
 	mustFailWith(t, []string{"info", luks}, luks, "encrypt")
 
 	// A truncated image: the L2 table is gone.

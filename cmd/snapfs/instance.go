@@ -16,7 +16,7 @@ import (
 // together.
 var instanceCmd = &cobra.Command{
 	Use:   "instance",
-	Short: "Define, list and snapshot instances (groups of volumes)",
+	Short: "Define, list, snapshot and restore instances (groups of volumes)",
 	Long: `An instance is a named group of volumes, each under a guest device name (vda,
 vdb, ...), as the disks of a virtual machine. An instance snapshot takes every
 disk at one point: no disk is written between the first and the last.`,
@@ -154,11 +154,53 @@ var instanceDeleteSnapshotCmd = &cobra.Command{
 	},
 }
 
+var instanceRestoreCmd = &cobra.Command{
+	Use:   "restore [--store DIR] [--json] DIR [NAME]",
+	Short: "Restore an instance snapshot folder copied out of the mount",
+	Long: `restore makes new volumes and an instance over them from an instance snapshot
+folder copied out of the mount (cp -r MOUNT/instances/INST/snapshots/SNAP DIR):
+meta.json and each disk (vda.qcow2, else vda.raw, ...). The instance gets the
+same device mapping and an instance snapshot SNAP (same time, consistency and
+metadata); each volume gets its user metadata and the disk as snapshot SNAP
+under an empty head.
+
+The instance is named NAME, or after the one in meta.json: INST if free, else
+INST-restored, INST-restored-2, ...; its volumes are named NAME-DEVICE
+(web-vda). Every file is treated as hostile, as an import is. All of it
+appears, or (on any error or Ctrl-C) nothing.`,
+	Args: func(cmd *cobra.Command, args []string) error {
+		if len(args) == 1 || len(args) == 2 {
+			return nil
+		}
+		return fmt.Errorf("usage: %s (see %s --help)", cmd.UseLine(), cmd.CommandPath())
+	},
+	DisableFlagsInUseLine: true,
+	RunE: func(cmd *cobra.Command, args []string) error {
+		dir, name := args[0], ""
+		if len(args) == 2 {
+			name = args[1]
+		}
+		return withStore(cmd, func(ctx context.Context, s *snapshot.LocalStore) error {
+			bar := newProgress(dir)
+			in, err := snapshot.RestoreInstance(snapshot.WithProgress(ctx, bar.Update), s, dir, name)
+			bar.Finish()
+			if err != nil {
+				return err
+			}
+			if storeFlags.json {
+				return writeJSON(cmd.OutOrStdout(), in)
+			}
+			_, err = fmt.Fprintf(cmd.OutOrStdout(), "instance %s: %s\n", in.Name, formatDisks(in.Disks))
+			return err
+		})
+	},
+}
+
 func init() {
 	addStoreFlags(instanceCmd)
 	instanceCreateCmd.Flags().StringArrayVar(&instanceDisks, "disk", nil, "a disk as DEVICE=VOLUME, like vda=root (repeatable)")
 	instanceSnapshotCmd.Flags().StringArrayVar(&instanceSnapshotMeta, "meta", nil, "user metadata to keep with the snapshot (repeatable)")
-	instanceCmd.AddCommand(instanceCreateCmd, instanceListCmd, instanceDeleteCmd, instanceSnapshotCmd, instanceDeleteSnapshotCmd)
+	instanceCmd.AddCommand(instanceCreateCmd, instanceListCmd, instanceDeleteCmd, instanceSnapshotCmd, instanceDeleteSnapshotCmd, instanceRestoreCmd)
 	rootCmd.AddCommand(instanceCmd)
 }
 

@@ -91,8 +91,9 @@ var snapshotDeleteCmd = &cobra.Command{
 	Long: `delete removes a snapshot. Data that only its layer holds and that later
 snapshots or the head still need is first merged into the next layer, so
 every other snapshot and the head read exactly as before. It is refused while
-a clone reads through the snapshot, while it belongs to an instance snapshot,
-or, for the newest snapshot, while qemu has the head open.`,
+a clone reads through the snapshot (the message names the clones: flatten or
+delete them first), while it belongs to an instance snapshot, or, for the
+newest snapshot, while qemu has the head open.`,
 	Args:                  snapshotRefArgs,
 	DisableFlagsInUseLine: true,
 	RunE: func(cmd *cobra.Command, args []string) error {
@@ -136,10 +137,10 @@ func snapshotRef(args []string) (vol, snap string) {
 // printSnapshots prints a table of snapshots.
 func printSnapshots(out io.Writer, snaps []snapshot.Snapshot) error {
 	w := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(w, "SNAPSHOT\tCREATED\tSIZE\tPARENT\tCONSISTENCY\tINSTANCE")
+	fmt.Fprintln(w, "SNAPSHOT\tCREATED\tSIZE\tPARENT\tCONSISTENCY\tINSTANCE\tCLONES")
 	for _, sn := range snaps {
-		fmt.Fprintf(w, "%s@%s\t%s\t%s\t%s\t%s\t%s\n", sn.Volume, sn.Name, sn.Created.Local().Format(time.DateTime),
-			formatSize(sn.Size), sn.Parent, sn.Consistency, sn.Instance)
+		fmt.Fprintf(w, "%s@%s\t%s\t%s\t%s\t%s\t%s\t%s\n", sn.Volume, sn.Name, sn.Created.Local().Format(time.DateTime),
+			formatSize(sn.Size), sn.Parent, sn.Consistency, sn.Instance, strings.Join(sn.Clones, ","))
 	}
 	return w.Flush()
 }

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -51,7 +53,7 @@ func withStore(cmd *cobra.Command, fn func(ctx context.Context, s *snapshot.Loca
 // volumeCmd is `snapfs volume`: the volumes of the store.
 var volumeCmd = &cobra.Command{
 	Use:   "volume",
-	Short: "Create, list, import and delete volumes",
+	Short: "Create, list, import, clone, flatten, revert, restore and delete volumes",
 	Long: `A volume is a disk image with a chain of snapshots. In the local store it is
 a chain of qcow2 files: read-only snapshot layers under a writable head, whose
 path (head_path) a VM or qemu-io can open.`,
@@ -105,6 +107,13 @@ var volumeListCmd = &cobra.Command{
 				if v.Parent != nil {
 					parent = v.Parent.Volume + "@" + v.Parent.Snapshot
 				}
+				if p := v.Flatten; p != nil {
+					percent := 0
+					if p.Total > 0 {
+						percent = int(p.Done * 100 / p.Total)
+					}
+					parent += fmt.Sprintf(" (flattening %d%%)", percent)
+				}
 				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t%s\n", v.Name, formatSize(v.Size), formatSize(v.BytesUsed), len(snaps), parent, v.HeadPath)
 			}
 			return w.Flush()
@@ -116,8 +125,8 @@ var volumeDeleteCmd = &cobra.Command{
 	Use:   "delete [--store DIR] NAME",
 	Short: "Delete a volume and all its snapshots",
 	Long: `delete removes a volume with its snapshots. It is refused while an instance
-uses the volume, a clone reads through one of its snapshots, or qemu has its
-head open.`,
+uses the volume, a clone reads through one of its snapshots (the message names
+the clones), or qemu has its head open.`,
 	Args:                  exactArgs(1),
 	DisableFlagsInUseLine: true,
 	RunE: func(cmd *cobra.Command, args []string) error {
@@ -165,10 +174,169 @@ or Ctrl-C nothing is left behind.`,
 	},
 }
 
+var volumeCloneCmd = &cobra.Command{
+	Use:   "clone [--store DIR] [--json] VOL@SNAP NEW",
+	Short: "Make a copy-on-write clone of a snapshot",
+	Long: `clone creates volume NEW as a copy-on-write clone of snapshot SNAP of volume
+VOL, in constant time: no data is copied. NEW reads through the snapshot until
+written; writes (a VM running off its head_path) go to its own layers. The
+snapshot cannot be deleted while the clone exists: flatten the clone (snapfs
+volume flatten NEW) or delete it first.`,
+	Args: func(cmd *cobra.Command, args []string) error {
+		if len(args) == 2 && strings.Contains(args[0], "@") || len(args) == 3 {
+			return nil
+		}
+		return fmt.Errorf("usage: %s (see %s --help)", cmd.UseLine(), cmd.CommandPath())
+	},
+	DisableFlagsInUseLine: true,
+	RunE: func(cmd *cobra.Command, args []string) error {
+		vol, snap := snapshotRef(args[:len(args)-1])
+		return withStore(cmd, func(ctx context.Context, s *snapshot.LocalStore) error {
+			v, err := s.Clone(ctx, vol, snap, args[len(args)-1])
+			if err != nil {
+				return err
+			}
+			return printVolume(cmd.OutOrStdout(), v)
+		})
+	},
+}
+
+var volumeFlattenCmd = &cobra.Command{
+	Use:   "flatten [--store DIR] [--json] NAME",
+	Short: "Copy into a clone what it reads from its parent, and cut the link",
+	Long: `flatten copies into volume NAME, a clone, everything it still reads from the
+snapshot it was cloned from, then cuts the link: the snapshot can then be
+deleted. The volume reads the same throughout. It is safe to interrupt (Ctrl-C,
+a crash): the clone stays a clone, and flatten can be run again. Progress shows
+as a bar on a terminal, and as "flatten" in snapfs volume list --json and in
+the mount's info.json. A volume that is no clone is left as it is.`,
+	Args:                  exactArgs(1),
+	DisableFlagsInUseLine: true,
+	RunE: func(cmd *cobra.Command, args []string) error {
+		return withStore(cmd, func(ctx context.Context, s *snapshot.LocalStore) error {
+			bar := newProgress(args[0])
+			err := s.Flatten(snapshot.WithProgress(ctx, bar.Update), args[0])
+			bar.Finish()
+			if err != nil {
+				return err
+			}
+			return printQuiet(cmd, s, args[0])
+		})
+	},
+}
+
+var volumeRevertCmd = &cobra.Command{
+	Use:   "revert [--store DIR] [--json] VOL SNAP",
+	Short: "Make a volume's head read as one of its snapshots again",
+	Long: `revert makes the head of volume VOL read exactly as snapshot SNAP: what the
+head held is dropped. SNAP and every other snapshot are kept. Reverting to the
+newest snapshot costs nothing; to an older one, a copy of what changed since
+it. It is refused while a VM (qemu) has the head open, and safe to interrupt:
+the head reads as before, or as SNAP. VOL@SNAP works too.`,
+	Args:                  snapshotRefArgs,
+	DisableFlagsInUseLine: true,
+	RunE: func(cmd *cobra.Command, args []string) error {
+		vol, snap := snapshotRef(args)
+		return withStore(cmd, func(ctx context.Context, s *snapshot.LocalStore) error {
+			bar := newProgress(vol + "@" + snap)
+			err := s.Revert(snapshot.WithProgress(ctx, bar.Update), vol, snap)
+			bar.Finish()
+			if err != nil {
+				return err
+			}
+			return printQuiet(cmd, s, vol)
+		})
+	},
+}
+
+var volumeRestoreCmd = &cobra.Command{
+	Use:   "restore [--store DIR] [--json] DIR|FILE [NAME]",
+	Short: "Restore a volume snapshot folder copied out of the mount",
+	Long: `restore makes a new volume from a volume snapshot folder copied out of the
+mount (cp -r MOUNT/volumes/VOL/snapshots/SNAP DIR): its disk (disk.qcow2, else
+disk.raw) and meta.json. FILE names the disk file itself, with the meta.json
+beside it. The volume gets the volume's user metadata, and the content as
+snapshot SNAP (same name, time, consistency and metadata) under an empty head.
+
+It is named NAME, or after the volume in meta.json: VOL if free, else
+VOL-restored, VOL-restored-2, ... Every file is treated as hostile, as an
+import is; on any error or Ctrl-C nothing is created.`,
+	Args: func(cmd *cobra.Command, args []string) error {
+		if len(args) == 1 || len(args) == 2 {
+			return nil
+		}
+		return fmt.Errorf("usage: %s (see %s --help)", cmd.UseLine(), cmd.CommandPath())
+	},
+	DisableFlagsInUseLine: true,
+	RunE: func(cmd *cobra.Command, args []string) error {
+		path, name := args[0], ""
+		if len(args) == 2 {
+			name = args[1]
+		}
+		disk, meta, err := volumeExport(path)
+		if err != nil {
+			return inFile(path, err)
+		}
+		return withStore(cmd, func(ctx context.Context, s *snapshot.LocalStore) error {
+			bar := newProgress(path)
+			v, err := snapshot.RestoreVolume(snapshot.WithProgress(ctx, bar.Update), s, disk, meta, name)
+			bar.Finish()
+			if err != nil {
+				return err
+			}
+			if storeFlags.json {
+				return writeJSON(cmd.OutOrStdout(), v)
+			}
+			snaps, err := s.ListSnapshots(ctx, v.Name)
+			if err != nil {
+				return err
+			}
+			_, err = fmt.Fprintf(cmd.OutOrStdout(), "volume %s: %s, snapshot %s, head %s\n", v.Name, formatSize(v.Size), snaps[0].Name, v.HeadPath)
+			return err
+		})
+	},
+}
+
+// volumeExport returns the disk file and meta.json of a volume snapshot
+// folder (or of its disk file).
+func volumeExport(path string) (disk, meta string, err error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return "", "", err
+	}
+	if !fi.IsDir() {
+		meta = filepath.Join(filepath.Dir(path), snapshot.MetaFileName)
+		if _, err := os.Lstat(meta); err != nil {
+			return "", "", fmt.Errorf("no %s beside it (%v); to import a disk without its metadata, use snapfs volume import", snapshot.MetaFileName, err)
+		}
+		return path, meta, nil
+	}
+	meta = filepath.Join(path, snapshot.MetaFileName)
+	if kind, err := snapshot.MetaKind(meta); err == nil && kind == snapshot.KindInstanceSnapshot {
+		return "", "", fmt.Errorf("an instance snapshot folder: restore it with snapfs instance restore")
+	}
+	disk, err = snapshot.DiskFile(path, snapshot.VolumeDiskName)
+	return disk, meta, err
+}
+
+// printQuiet prints volume name with --json; a mutation that worked says
+// nothing otherwise, as delete does.
+func printQuiet(cmd *cobra.Command, s *snapshot.LocalStore, name string) error {
+	if !storeFlags.json {
+		return nil
+	}
+	v, err := s.Volume(cmd.Context(), name)
+	if err != nil {
+		return err
+	}
+	return writeJSON(cmd.OutOrStdout(), v)
+}
+
 func init() {
 	addStoreFlags(volumeCmd)
 	volumeImportCmd.Flags().StringArrayVar(&importMeta, "meta", nil, "user metadata to keep with the volume (repeatable)")
-	volumeCmd.AddCommand(volumeCreateCmd, volumeListCmd, volumeDeleteCmd, volumeImportCmd)
+	volumeCmd.AddCommand(volumeCreateCmd, volumeListCmd, volumeDeleteCmd, volumeImportCmd,
+		volumeCloneCmd, volumeFlattenCmd, volumeRevertCmd, volumeRestoreCmd)
 	rootCmd.AddCommand(volumeCmd)
 }
 

@@ -1,7 +1,9 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -160,5 +162,195 @@ func TestParseSize(t *testing.T) {
 		if got, err := parseSize(bad); err == nil {
 			t.Errorf("parseSize(%q) = %d, want an error", bad, got)
 		}
+	}
+}
+
+// TestCloneCommands: clone, the clones that block a delete (named in the
+// error and in snapshot list), flatten, revert, as a script would use them.
+func TestCloneCommands(t *testing.T) {
+	store := filepath.Join(t.TempDir(), "store")
+	st := "--store=" + store
+	var vol snapshot.Volume
+	decode(t, mustSucceed(t, "volume", "create", st, "--json", "vm", "4M"), &vol)
+	qemutest.IO(t, vol.HeadPath, "write -P 0x11 0 1M")
+	var snap snapshot.Snapshot
+	decode(t, mustSucceed(t, "snapshot", "create", st, "--json", "vm@s1"), &snap)
+
+	var kid snapshot.Volume
+	decode(t, mustSucceed(t, "volume", "clone", st, "--json", "vm@s1", "kid"), &kid)
+	if kid.Parent == nil || *kid.Parent != (snapshot.SnapshotRef{Volume: "vm", Snapshot: "s1"}) {
+		t.Fatalf("clone %+v", kid)
+	}
+	qemutest.Compare(t, kid.HeadPath, snap.Path)
+	if out := mustSucceed(t, "volume", "clone", st, "vm", "s1", "kid2"); !strings.Contains(out, "volume kid2") {
+		t.Errorf("clone says %q", out)
+	}
+	qemutest.IO(t, kid.HeadPath, "write -P 0x22 512k 64k")
+	kidBefore := qemutest.ConvertRaw(t, kid.HeadPath)
+
+	mustFailWith(t, []string{"snapshot", "delete", st, "vm@s1"}, "has clones (kid, kid2)", "flatten")
+	mustFailWith(t, []string{"volume", "delete", st, "vm"}, "has clones (kid, kid2)")
+	if out := mustSucceed(t, "snapshot", "list", st, "vm"); !strings.Contains(out, "CLONES") || !strings.Contains(out, "kid,kid2") {
+		t.Errorf("snapshot list does not show the clones:\n%s", out)
+	}
+	if out := mustSucceed(t, "volume", "list", st); !strings.Contains(out, "vm@s1") {
+		t.Errorf("volume list does not show the parent:\n%s", out)
+	}
+	mustFailWith(t, []string{"volume", "clone", st, "vm@nope", "x"}, "not found", "nope")
+	mustFailWith(t, []string{"volume", "clone", st, "vm@s1"}, "usage: snapfs volume clone")
+
+	// Flatten: the clone reads the same, the parent is free.
+	if out := mustSucceed(t, "volume", "flatten", st, "kid"); out != "" {
+		t.Errorf("flatten printed %q", out)
+	}
+	decode(t, mustSucceed(t, "volume", "flatten", st, "--json", "kid2"), &vol)
+	if vol.Parent != nil || vol.Flatten != nil {
+		t.Errorf("after flatten: %+v", vol)
+	}
+	if got := qemutest.ConvertRaw(t, kid.HeadPath); string(got) != string(kidBefore) {
+		t.Error("the flattened clone reads differently")
+	}
+	for _, info := range qemutest.ImgInfoChain(t, kid.HeadPath) {
+		if filepath.Join(filepath.Dir(kid.HeadPath), info.BackingFilename) == snap.Path {
+			t.Error("the flattened clone still reads the parent's layer")
+		}
+	}
+	mustFailWith(t, []string{"volume", "flatten", st, "nope"}, "not found")
+
+	// Revert: the head reads as the snapshot again; snapshots stay.
+	qemutest.IO(t, vol.HeadPath, "write -P 0x33 0 4M")
+	decode(t, mustSucceed(t, "snapshot", "create", st, "--json", "kid2@k1"), &snap)
+	qemutest.IO(t, headOf(t, st, "kid2"), "write -P 0x44 0 2M")
+	mustSucceed(t, "volume", "revert", st, "kid2", "k1")
+	qemutest.Compare(t, headOf(t, st, "kid2"), snap.Path)
+	mustSucceed(t, "volume", "revert", st, "vm@s1")
+	qemutest.Compare(t, headOf(t, st, "vm"), mustSnapshotPath(t, st, "vm", "s1"))
+	mustFailWith(t, []string{"volume", "revert", st, "vm", "nope"}, "not found", "nope")
+	mustSucceed(t, "volume", "delete", st, "kid")
+	mustSucceed(t, "snapshot", "delete", st, "vm@s1")
+}
+
+// headOf returns the head path of a volume, as volume list says.
+func headOf(t *testing.T, st, name string) string {
+	t.Helper()
+	var vols []snapshot.Volume
+	decode(t, mustSucceed(t, "volume", "list", st, "--json"), &vols)
+	for _, v := range vols {
+		if v.Name == name {
+			return v.HeadPath
+		}
+	}
+	t.Fatalf("no volume %s", name)
+	return ""
+}
+
+// mustSnapshotPath returns the layer file of a snapshot, as snapshot list
+// says.
+func mustSnapshotPath(t *testing.T, st, vol, snap string) string {
+	t.Helper()
+	var snaps []snapshot.Snapshot
+	decode(t, mustSucceed(t, "snapshot", "list", st, "--json", vol), &snaps)
+	for _, s := range snaps {
+		if s.Name == snap {
+			return s.Path
+		}
+	}
+	t.Fatalf("no snapshot %s@%s", vol, snap)
+	return ""
+}
+
+// TestRestoreCommands: folders written as the mount serves them (meta.json
+// and the disk exports) restore with volume restore and instance restore.
+func TestRestoreCommands(t *testing.T) {
+	ctx := context.Background()
+	store := filepath.Join(t.TempDir(), "store")
+	st := "--store=" + store
+	src := filepath.Join(t.TempDir(), "src.raw")
+	qemutest.Create(t, "raw", src, "3M")
+	qemutest.IO(t, src, "write -P 0x55 1M 64k")
+	var vol snapshot.Volume
+	decode(t, mustSucceed(t, "volume", "import", st, "--json", "--meta", "os=debian", src, "root"), &vol)
+	mustSucceed(t, "volume", "create", st, "data", "1M")
+	mustSucceed(t, "instance", "create", st, "web", "--disk", "vda=root", "--disk", "vdb=data")
+	mustSucceed(t, "instance", "snapshot", st, "--meta", "why=backup", "web", "nightly")
+
+	// What cp -r of the mount's folders gives.
+	s, err := snapshot.OpenLocal(store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	backup := t.TempDir()
+	idir := filepath.Join(backup, "nightly")
+	imeta, err := snapshot.InstanceSnapshotMetaFor(ctx, s, s, "web", "nightly")
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeMeta(t, filepath.Join(idir, "meta.json"), imeta)
+	for _, d := range imeta.Disks {
+		writeFullExport(t, s, d.Volume, d.Snapshot, filepath.Join(idir, d.Device+".qcow2"))
+	}
+	vdir := filepath.Join(backup, "root-nightly")
+	vmeta, err := snapshot.VolumeSnapshotMetaFor(ctx, s, "root", "nightly")
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeMeta(t, filepath.Join(vdir, "meta.json"), vmeta)
+	writeFullExport(t, s, "root", "nightly", filepath.Join(vdir, "disk.qcow2"))
+
+	out := mustSucceed(t, "instance", "restore", st, idir)
+	if !strings.Contains(out, "instance web-restored: vda=web-restored-vda vdb=web-restored-vdb") {
+		t.Errorf("instance restore says %q", out)
+	}
+	qemutest.Compare(t, headOf(t, st, "web-restored-vda"), src)
+	var in snapshot.Instance
+	decode(t, mustSucceed(t, "instance", "restore", st, "--json", idir, "copy"), &in)
+	if in.Name != "copy" || len(in.Disks) != 2 || in.Disks[1].Device != "vdb" {
+		t.Errorf("restored %+v", in)
+	}
+	mustFailWith(t, []string{"instance", "restore", st, idir, "copy"}, "already exists")
+	mustFailWith(t, []string{"instance", "restore", st, vdir}, "volume-snapshot")
+
+	decode(t, mustSucceed(t, "volume", "restore", st, "--json", vdir), &vol)
+	if vol.Name != "root-restored" || vol.Metadata["os"] != "debian" {
+		t.Errorf("restored %+v", vol)
+	}
+	qemutest.Compare(t, vol.HeadPath, src)
+	out = mustSucceed(t, "volume", "restore", st, filepath.Join(vdir, "disk.qcow2"), "again")
+	if !strings.Contains(out, "volume again:") || !strings.Contains(out, "snapshot nightly") {
+		t.Errorf("volume restore says %q", out)
+	}
+	mustFailWith(t, []string{"volume", "restore", st, idir}, "instance restore")
+	mustFailWith(t, []string{"volume", "restore", st, src}, "no meta.json beside it", "volume import")
+}
+
+func writeMeta(t *testing.T, path string, v any) {
+	t.Helper()
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	data, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func writeFullExport(t *testing.T, s *snapshot.LocalStore, vol, snap, path string) {
+	t.Helper()
+	x, err := snapshot.FullExport(context.Background(), s, vol, snap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer x.Close()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := io.Copy(f, io.NewSectionReader(x, 0, x.Size())); err != nil {
+		t.Fatal(err)
 	}
 }
