@@ -16,12 +16,13 @@ FUZZTIME ?= 10s
 BENCHFLAGS ?=
 MOUNTBENCHFLAGS ?=
 
-# bin/snapfs holds the Ceph RBD backend, which needs cgo and librbd: TAGS
-# names the Ceph release go-ceph compiles against (rbdio/doc.go has the
-# table; Debian 12 ships Ceph 16, "pacific"). qcow, snapshot and fs build
-# without cgo (TestPureGo in cmd/snapfs checks it), and so does everything
-# with TAGS= CGO=0, minus Ceph.
-TAGS ?= ceph,pacific
+# bin/snapfs holds the Ceph RBD backend and the libvirt instance provider,
+# which need cgo, librbd and libvirt: TAGS names them ("ceph" plus the Ceph
+# release go-ceph compiles against: rbdio/doc.go has the table; Debian 12
+# ships Ceph 16, "pacific"; "libvirt" for package virt). qcow, snapshot and
+# fs build without cgo (TestPureGo in cmd/snapfs checks it), and so does
+# everything with TAGS= CGO=0, minus Ceph and libvirt.
+TAGS ?= ceph,pacific,libvirt
 CGO ?= 1
 
 .PHONY: all deps build test vet fuzz bench run demo fmt clean

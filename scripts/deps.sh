@@ -9,8 +9,13 @@ set -euo pipefail
 # qemu-utils: qemu-img and qemu-io, the oracles of the tests; fuse3:
 # fusermount3; gcc, librados-dev, librbd-dev: the Ceph backend (cgo);
 # ceph-mon, ceph-osd, ceph-mgr, ceph-common: the one-node test cluster of
-# scripts/ceph/start.sh; rbd-fuse: its peer in the benchmarks; rsync: tests.
-packages=(qemu-utils fuse3 gcc rsync librados-dev librbd-dev ceph-mon ceph-osd ceph-mgr ceph-common rbd-fuse)
+# scripts/ceph/start.sh; rbd-fuse: its peer in the benchmarks; rsync: tests;
+# pkg-config, libvirt-dev: the libvirt provider (cgo); libvirt-daemon,
+# libvirt-daemon-driver-qemu, libvirt-clients, qemu-system-x86: the private
+# libvirtd of scripts/libvirt/start.sh and its TCG guests; e2fsprogs:
+# mkfs.ext4 and dumpe2fs for the guests' data disks.
+packages=(qemu-utils fuse3 gcc rsync librados-dev librbd-dev ceph-mon ceph-osd ceph-mgr ceph-common rbd-fuse
+	pkg-config libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 e2fsprogs)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -35,6 +40,18 @@ if ((${#missing[@]} > 0)); then
 	export DEBIAN_FRONTEND=noninteractive
 	"${sudo[@]}" apt-get update -q
 	"${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null
+fi
+
+# scripts/libvirt/build-guest.sh fetches the test guest's kernel, busybox
+# and qemu-ga with apt-get download, which needs the package lists: a
+# machine whose packages were all preinstalled may have none.
+if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
+	echo "deps: fetching the package lists (for the test guest's packages)" >&2
+	if [[ $(id -u) == 0 ]]; then
+		DEBIAN_FRONTEND=noninteractive apt-get update -q
+	else
+		sudo apt-get update -q
+	fi
 fi
 
 go mod download
