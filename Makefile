@@ -55,6 +55,8 @@ bench: deps build
 	CGO_ENABLED=0 $(GO) build -o bin/mountbench ./bench/cmd/mountbench
 	./bin/qcowbench -snapfs bin/snapfs -work .bench $(BENCHFLAGS)
 	./bin/mountbench -snapfs bin/snapfs -work .bench/mount $(BENCHFLAGS) $(MOUNTBENCHFLAGS)
+	CGO_ENABLED=0 $(GO) build -o bin/rbdbench ./bench/cmd/rbdbench
+	./bin/rbdbench -snapfs bin/snapfs -work .bench/rbd $(BENCHFLAGS) $(RBDBENCHFLAGS)
 
 run: deps build
 	bash scripts/run.sh bin/snapfs mnt

@@ -250,11 +250,15 @@ func rootIdentity(backend snapshot.Backend) identity {
 	return identity("snapfs").child(backend.Name())
 }
 
-// newRoot returns the root directory of the tree.
-func (f *filesystem) newRoot() *dir {
+// newRoot returns the root directory of the tree: f's backend and
+// instances, and pools/ when the mount has pools (see pools.go).
+func (f *filesystem) newRoot(pools []Pool) *dir {
 	root := rootIdentity(f.backend)
-	volumes := f.newDir("volumes", root.child("volumes"), volumesContents{f, root.child("volumes")}, false, f.mounted, immutableTimeout)
+	volumes, imports := f.backendDirs(root)
 	instances := f.newDir("instances", root.child("instances"), instancesContents{f, root.child("instances")}, false, f.mounted, immutableTimeout)
-	imports := f.newDir("import", root.child("import"), &importContents{fsys: f, id: root.child("import")}, true, f.mounted, immutableTimeout)
-	return f.newDir("", root, staticContents{volumes, instances, imports}, false, f.mounted, 0)
+	entries := staticContents{volumes, instances, imports}
+	if len(pools) > 0 {
+		entries = append(entries, f.newPoolsDir(root.child(poolsDir), pools))
+	}
+	return f.newDir("", root, entries, false, f.mounted, 0)
 }

@@ -38,8 +38,9 @@ var errnoOf = []struct {
 }
 
 // toErrno is the one errno mapping of the filesystem. It returns 0 for
-// nil; unknown is true when err matched nothing and became EIO, so that the
-// caller logs it (see filesystem.errno).
+// nil; unknown is true when the error is not the caller's doing, so that
+// the caller logs it (see filesystem.errno): err matched nothing and became
+// EIO, or a backend did not answer in time.
 //
 // A bare syscall.Errno passes through: this package returns those itself,
 // on purpose (ENXIO for SEEK_DATA past the data, EROFS on a read-only
@@ -47,12 +48,20 @@ var errnoOf = []struct {
 // file) passes only if it means the same to the caller as to us, a full
 // disk while an import is written; any other (ENOENT on a layer file, say)
 // is a fault of the store, not of the request, and becomes EIO.
+//
+// A backend that did not answer in time (a Ceph cluster down: rbdio's
+// errors wrap syscall.ETIMEDOUT) gives ETIMEDOUT, whatever else the error
+// wraps: the caller learns that trying again later may work, which EIO
+// would not say.
 func toErrno(err error) (errno syscall.Errno, unknown bool) {
 	if err == nil {
 		return 0, false
 	}
 	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
 		return syscall.EINTR, false
+	}
+	if errors.Is(err, syscall.ETIMEDOUT) {
+		return syscall.ETIMEDOUT, true
 	}
 	for _, m := range errnoOf {
 		if errors.Is(err, m.err) {

@@ -40,6 +40,10 @@ func TestToErrno(t *testing.T) {
 		// A store file that went missing is the store's fault: EIO.
 		{&os.PathError{Op: "open", Path: "/store/layers/x", Err: syscall.ENOENT}, syscall.EIO, true},
 		{errors.New("something odd"), syscall.EIO, true},
+		// A backend that does not answer (rbdio wraps the errno and a
+		// sentinel of its own): ETIMEDOUT, logged.
+		{fmt.Errorf("rbd read rbd/vm@s at 0: %w", errors.Join(errors.New("rbdio: timed out"), syscall.ETIMEDOUT)), syscall.ETIMEDOUT, true},
+		{fmt.Errorf("%w: volume x: %w", snapshot.ErrNotFound, syscall.ETIMEDOUT), syscall.ETIMEDOUT, true},
 	}
 	for _, tt := range tests {
 		got, unknown := toErrno(tt.err)

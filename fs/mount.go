@@ -36,6 +36,9 @@ type Config struct {
 	// Instances lists instances and takes their snapshots; nil leaves
 	// instances/ empty.
 	Instances snapshot.InstanceProvider
+	// Pools are shown under pools/NAME/, each with its volumes/ and
+	// import/ (see pools.go); Backend may be one of them.
+	Pools []Pool
 	// StagingDir is where imports are written before they are imported:
 	// on the store's filesystem, so that the import can be as fast as a
 	// rename. It is created if needed, and Mount removes what imports cut
@@ -73,6 +76,9 @@ type Server struct {
 func Mount(mountpoint string, cfg Config) (*Server, error) {
 	if cfg.Backend == nil {
 		return nil, errors.New("fs: Mount needs a backend")
+	}
+	if err := checkPools(cfg.Pools); err != nil {
+		return nil, err
 	}
 	abs, err := filepath.Abs(mountpoint)
 	if err != nil {
@@ -115,7 +121,7 @@ func Mount(mountpoint string, cfg Config) (*Server, error) {
 		NullPermissions: true,
 		Logger:          fsys.log,
 	}
-	srv, err := fusefs.Mount(abs, fsys.newRoot(), opts)
+	srv, err := fusefs.Mount(abs, fsys.newRoot(cfg.Pools), opts)
 	if err != nil {
 		fsys.cancel()
 		return nil, fmt.Errorf("mounting on %s: %w", abs, err)

@@ -37,6 +37,10 @@ type filesystem struct {
 	// snapshots whose files are open, so that rmdir gets EBUSY.
 	manager *snapshot.Manager
 	closing closingFiles
+	// at is where the backend's tree shows in the mount: "" at the root,
+	// "pools/NAME" for a pool (see pools.go); links to snapshots in other
+	// trees are made relative from it (links.go).
+	at string
 
 	// ctx ends with the mount: long mutations started by a request stop
 	// when the filesystem goes away, not when the request is interrupted

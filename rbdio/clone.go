@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"slices"
 	"syscall"
+	"time"
 
 	"github.com/ceph/go-ceph/rbd"
 
@@ -140,12 +141,14 @@ func (c *Cluster) cloneFormat() (uint64, error) {
 	return 1, nil
 }
 
-// Flatten copies into volume vol, a clone, everything it still reads from
-// its parent, then cuts the link (rbd flatten). progress (may be nil) is
-// called with the objects done out of the total. It is safe to interrupt
-// (ctx, or a kill): objects copied stay, and the next Flatten goes on. A
-// volume without a parent is left as it is.
-func (p *Pool) Flatten(ctx context.Context, vol string, progress func(done, total int64)) error {
+// Flatten implements [snapshot.Cloner]: it copies into volume vol, a
+// clone, everything it still reads from its parent, then cuts the link
+// (rbd flatten). The context's progress function (snapshot.WithProgress)
+// sees the objects done, in bytes, and so does Volume.Flatten of this
+// process meanwhile (other processes see only the parent, until it goes).
+// It is safe to interrupt (ctx, or a kill): objects copied stay, and the
+// next Flatten goes on. A volume without a parent is left as it is.
+func (p *Pool) Flatten(ctx context.Context, vol string) error {
 	if err := lookupName(vol); err != nil {
 		return err
 	}
@@ -159,6 +162,14 @@ func (p *Pool) Flatten(ctx context.Context, vol string, progress func(done, tota
 		return err
 	}
 	pr, err := parentOf(img)
+	var objSize uint64
+	if err == nil && pr != nil {
+		var st *rbd.ImageInfo
+		if st, err = img.Stat(); err == nil {
+			objSize = st.Obj_size
+		}
+		err = wrap("info "+p.spec(vol), err)
+	}
 	img.Close()
 	if err != nil || pr == nil {
 		return err
@@ -167,11 +178,51 @@ func (p *Pool) Flatten(ctx context.Context, vol string, progress func(done, tota
 	if err != nil {
 		return err
 	}
-	err = flattenImage(ctx, io, vol, progress)
+	// librbd counts objects: report bytes, as every backend does.
+	shown := &snapshot.Progress{Started: time.Now()}
+	p.setFlatten(vol, shown)
+	defer p.setFlatten(vol, nil)
+	report := snapshot.ProgressFrom(ctx)
+	err = flattenImage(ctx, io, vol, func(done, total int64) {
+		done, total = done*int64(objSize), total*int64(objSize)
+		p.mu.Lock()
+		shown.Done, shown.Total = done, total
+		p.mu.Unlock()
+		if report != nil {
+			report(done, total)
+		}
+	})
 	if errors.Is(err, syscall.ECANCELED) && ctx.Err() != nil {
 		return ctx.Err()
 	}
 	return wrap("flatten "+p.spec(vol), err)
+}
+
+// setFlatten records (pr) or forgets (nil) the flatten of vol running in
+// this process, for Volume.Flatten.
+func (p *Pool) setFlatten(vol string, pr *snapshot.Progress) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if pr == nil {
+		delete(p.flattens, vol)
+		return
+	}
+	if p.flattens == nil {
+		p.flattens = map[string]*snapshot.Progress{}
+	}
+	p.flattens[vol] = pr
+}
+
+// flattenOf returns a copy of the progress of the flatten of vol running
+// in this process, or nil.
+func (p *Pool) flattenOf(vol string) *snapshot.Progress {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if pr := p.flattens[vol]; pr != nil {
+		c := *pr
+		return &c
+	}
+	return nil
 }
 
 // Revert makes the head of volume vol read as snapshot snap again (rbd snap

@@ -128,12 +128,12 @@ func TestCloneFlatten(t *testing.T) {
 	before := rbdExport(t, "rbd/"+clone.Name)
 	var mu sync.Mutex
 	var calls, lastDone, lastTotal int64
-	err = p.Flatten(c, clone.Name, func(done, total int64) {
+	err = p.Flatten(snapshot.WithProgress(c, func(done, total int64) {
 		mu.Lock()
 		calls++
 		lastDone, lastTotal = done, total
 		mu.Unlock()
-	})
+	}), clone.Name)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -153,7 +153,7 @@ func TestCloneFlatten(t *testing.T) {
 	}
 	checkExport(t, im, "rbd/"+clone.Name+"@c1")
 	im.Close()
-	if err := p.Flatten(c, clone.Name, nil); err != nil {
+	if err := p.Flatten(c, clone.Name); err != nil {
 		t.Errorf("flatten a flat volume: %v", err)
 	}
 	if err := p.DeleteSnapshot(c, vol, "base"); err != nil {

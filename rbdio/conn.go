@@ -47,6 +47,8 @@ type Cluster struct {
 
 	mu     sync.Mutex                  // protects ioctxs
 	ioctxs map[string]*rados.IOContext // by "pool/namespace", for clone parents
+	// handles are the parents' handles, shared (handles.go).
+	handles handleCache
 
 	// closed is set by Close: librados crashes on a destroyed handle, so
 	// every call checks it first and fails instead.
@@ -212,6 +214,7 @@ func (c *Cluster) Close() error {
 		return fmt.Errorf("%w: %d images of the cluster are still open; close them first", snapshot.ErrBusy, n)
 	}
 	c.closed.Store(true)
+	c.closeHandles()
 	for _, io := range c.ioctxs {
 		io.Destroy()
 	}

@@ -35,6 +35,9 @@ type layer struct {
 	// smallest parent overlap on the way down from layer 0).
 	limit      int64
 	objectSize int64
+	// release gives the handle back: layer 0 is the image's own, the
+	// parents' are shared (handles.go).
+	release func() error
 }
 
 // image is a [qcow.Image] over an RBD image, at a snapshot or at its live
@@ -102,7 +105,7 @@ func (p *Pool) openChain(volume, snap string) (_ *image, err error) {
 	defer func() {
 		if err != nil {
 			for _, l := range im.layers {
-				l.img.Close()
+				l.release()
 			}
 		}
 	}()
@@ -112,14 +115,14 @@ func (p *Pool) openChain(volume, snap string) (_ *image, err error) {
 		return nil, wrap("info "+im.name, err)
 	}
 	im.size = int64(size)
-	cur, curName, limit := top, im.name, int64(size)
+	cur, curName, limit, release := top, im.name, int64(size), top.Close
 	for {
 		st, err := cur.Stat()
 		if err != nil {
-			cur.Close()
+			release()
 			return nil, wrap("info "+curName, err)
 		}
-		im.layers = append(im.layers, layer{img: cur, name: curName, limit: limit, objectSize: int64(st.Obj_size)})
+		im.layers = append(im.layers, layer{img: cur, name: curName, limit: limit, objectSize: int64(st.Obj_size), release: release})
 		pr, err := parentOf(cur)
 		if err != nil {
 			return nil, err
@@ -138,9 +141,11 @@ func (p *Pool) openChain(volume, snap string) (_ *image, err error) {
 		if len(im.layers) > maxChain {
 			return nil, fmt.Errorf("%w: %s: clone chain deeper than %d", snapshot.ErrInvalid, im.name, maxChain)
 		}
-		if cur, err = p.cluster.openParent(*pr); err != nil {
+		next, releaseNext, err := p.cluster.acquireParent(*pr)
+		if err != nil {
 			return nil, err
 		}
+		cur, release = next, func() error { releaseNext(); return nil }
 		curName = pr.pool + "/" + pr.image + "@" + pr.snap
 	}
 }
@@ -170,7 +175,7 @@ func (im *image) Close() error {
 	im.ra.wg.Wait()
 	var first error
 	for _, l := range im.layers {
-		if err := l.img.Close(); err != nil && first == nil {
+		if err := l.release(); err != nil && first == nil {
 			first = wrap("close "+l.name, err)
 		}
 	}

@@ -25,8 +25,9 @@ type Pool struct {
 	name    string
 	ioctx   *rados.IOContext
 
-	mu    sync.Mutex // protects locks
-	locks map[string]*volumeLock
+	mu       sync.Mutex // protects locks, flattens
+	locks    map[string]*volumeLock
+	flattens map[string]*snapshot.Progress // by volume: see Flatten
 }
 
 // volumeLock serialises the mutations of one volume in this process.
@@ -35,7 +36,11 @@ type volumeLock struct {
 	refs int // goroutines holding or waiting for mu; guarded by Pool.mu
 }
 
-var _ snapshot.Backend = (*Pool)(nil)
+var (
+	_ snapshot.Backend  = (*Pool)(nil)
+	_ snapshot.Cloner   = (*Pool)(nil)
+	_ snapshot.Reverter = (*Pool)(nil)
+)
 
 // tempPrefix starts the names of the images an import writes before it
 // renames them into place. The leading '.' keeps them out of ListVolumes
@@ -235,6 +240,7 @@ func (p *Pool) describe(img *rbd.Image, name string) (snapshot.Volume, error) {
 		HeadPath: "rbd:" + p.spec(name),
 		Metadata: copyMetadata(meta.volume.Metadata),
 		Chain:    []string{"rbd:" + p.spec(name)},
+		Flatten:  p.flattenOf(name),
 	}
 	v.BytesUsed, err = usedBytes(img, snaps)
 	if err != nil {
@@ -288,12 +294,8 @@ func parentOf(img *rbd.Image) (*parentRef, error) {
 // parentChain returns the parents of img, nearest first.
 func (p *Pool) parentChain(img *rbd.Image) ([]parentRef, error) {
 	var out []parentRef
-	cur := img
-	defer func() {
-		if cur != img {
-			cur.Close()
-		}
-	}()
+	cur, release := img, func() {}
+	defer func() { release() }()
 	for {
 		pr, err := parentOf(cur)
 		if err != nil || pr == nil {
@@ -303,14 +305,12 @@ func (p *Pool) parentChain(img *rbd.Image) ([]parentRef, error) {
 			return nil, fmt.Errorf("%w: clone chain deeper than %d", snapshot.ErrInvalid, maxChain)
 		}
 		out = append(out, *pr)
-		next, err := p.cluster.openParent(*pr)
+		next, releaseNext, err := p.cluster.acquireParent(*pr)
 		if err != nil {
 			return nil, err
 		}
-		if cur != img {
-			cur.Close()
-		}
-		cur = next
+		release()
+		cur, release = next, releaseNext
 	}
 }
 

@@ -56,7 +56,12 @@ func (ra *readahead) read(im *image, buf []byte, off int64) (bool, error) {
 		ra.chunks = map[int64]*chunk{}
 	}
 	sequential := off == ra.next
-	if !sequential && ra.chunks[first] == nil {
+	// A read of half a chunk or more comes from a reader that reads
+	// ahead itself (the mount does, 2 MiB at a time, several at once):
+	// unless chunks read ahead already hold it, it goes straight to
+	// librbd rather than being read twice.
+	large := len(buf) >= raChunk/2
+	if (!sequential || large) && ra.chunks[first] == nil {
 		ra.next = off + int64(len(buf))
 		ra.window = 0
 		ra.mu.Unlock()

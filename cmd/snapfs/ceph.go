@@ -3,8 +3,8 @@
 package main
 
 import (
+	"snapfs/fs"
 	"snapfs/rbdio"
-	"snapfs/snapshot"
 )
 
 // cephBuilt says that this binary has the Ceph RBD backend.
@@ -13,14 +13,14 @@ const cephBuilt = true
 // openCeph connects to the cluster of c and returns one backend per pool
 // (named "rbd:POOL"), in the order given, and the function that closes
 // the connection once the backends are no longer used.
-func openCeph(c *cephFlags) ([]snapshot.Backend, func() error, error) {
+func openCeph(c *cephFlags) ([]fs.Pool, func() error, error) {
 	cl, err := rbdio.Open(rbdio.Config{CephConf: c.conf, ID: c.id, Keyring: c.keyring, Pools: c.pools, Timeout: c.timeout})
 	if err != nil {
 		return nil, nil, err
 	}
-	var out []snapshot.Backend
+	var out []fs.Pool
 	for _, p := range cl.Pools() {
-		out = append(out, p)
+		out = append(out, fs.Pool{Name: p.PoolName(), Backend: p})
 	}
 	return out, cl.Close, nil
 }

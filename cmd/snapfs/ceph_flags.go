@@ -1,6 +1,7 @@
 package main
 
 import (
+	"os"
 	"time"
 
 	"github.com/spf13/pflag"
@@ -26,3 +27,13 @@ func addCephFlags(f *pflag.FlagSet, c *cephFlags) {
 
 // enabled reports whether the command line asks for Ceph.
 func (c *cephFlags) enabled() bool { return len(c.pools) > 0 }
+
+// poolStagingDir is where a mount without a local store (pools only) writes
+// imports before they go to the pool: $TMPDIR, else /var/tmp, which holds
+// large files on disk where /tmp is often in RAM.
+func poolStagingDir() string {
+	if d := os.Getenv("TMPDIR"); d != "" {
+		return d
+	}
+	return "/var/tmp"
+}

@@ -9,6 +9,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -32,7 +33,7 @@ var mountFlags struct {
 // mountCmd is `snapfs mount`: the store as a filesystem, in the
 // foreground.
 var mountCmd = &cobra.Command{
-	Use:   "mount [--store DIR] [--ceph-conf FILE [--ceph-id ID] --pool POOL] [--read-only] [--allow-other] [--debug] [--uid N --gid N --umask M] MOUNTPOINT",
+	Use:   "mount [--store DIR] [--ceph-conf FILE [--ceph-id ID] --pool POOL[,POOL]] [--read-only] [--allow-other] [--debug] [--uid N --gid N --umask M] MOUNTPOINT",
 	Short: "Show the store's volumes, snapshots and instances as files",
 	Long: `mount shows the store as a filesystem on MOUNTPOINT, in the foreground, until
 it is unmounted: Ctrl-C (SIGINT) or SIGTERM here, or fusermount3 -u MOUNTPOINT
@@ -44,6 +45,12 @@ at once (lazy unmount).
   mkdir volumes/VOL/snapshots/SNAP       take a snapshot; rmdir deletes it
   instances/INST/snapshots/SNAP/         every disk of an instance at once
   cp IMAGE MOUNTPOINT/import/NAME        import a raw or qcow2 image as NAME
+
+With --pool, Ceph RBD pools are mounted too: each as pools/POOL/volumes/ and
+pools/POOL/import/. The root's volumes/ and import/ are the local store when
+--store is given, else the first pool (imports are then staged in $TMPDIR,
+else /var/tmp). Clones show their parent, in any pool, as the symlink
+volumes/VOL/parent.
 
 Only the user who mounts can reach the mount, unless --allow-other; the kernel
 then checks the modes, which --uid, --gid and --umask set (files are never
@@ -78,54 +85,66 @@ func runMount(cmd *cobra.Command, args []string) error {
 		return inFile(mountpoint, err)
 	}
 
-	dir := mountFlags.store
-	if dir == "" {
-		dir = snapshot.DefaultStoreDir()
+	// The root shows the local store (volumes/, instances/, import/)
+	// unless RBD pools are named without --store: then it shows the first
+	// pool, and no local store is opened. Every pool also shows under
+	// pools/POOL/ (see fs/pools.go).
+	var (
+		backend   snapshot.Backend
+		instances snapshot.InstanceProvider
+		pools     []fs.Pool
+		shown     []string
+		staging   string
+	)
+	if !mountFlags.ceph.enabled() || cmd.Flags().Changed("store") {
+		dir := mountFlags.store
+		if dir == "" {
+			dir = snapshot.DefaultStoreDir()
+		}
+		store, err := snapshot.OpenLocalContext(cmd.Context(), dir)
+		if err != nil {
+			return err
+		}
+		defer store.Close()
+		backend, instances, shown = store, store, []string{store.Dir()}
+		// In the store, so that a crash's leftovers are found again.
+		staging = filepath.Join(store.Dir(), "staging")
 	}
-	store, err := snapshot.OpenLocalContext(cmd.Context(), dir)
-	if err != nil {
-		return err
-	}
-	defer store.Close()
-
-	// The local store serves volumes/ and instances/, unless an RBD pool
-	// is named: then volumes/ are the pool's images, and the local store
-	// only keeps the staging area of imports.
-	var backend snapshot.Backend = store
-	var instances snapshot.InstanceProvider = store
-	shown := store.Dir()
 	if mountFlags.ceph.enabled() {
-		pools, closeCeph, err := openCeph(&mountFlags.ceph)
+		var closeCeph func() error
+		pools, closeCeph, err = openCeph(&mountFlags.ceph)
 		if err != nil {
 			return err
 		}
 		// Images must be closed before the cluster, and they are once
 		// the mount is gone.
 		defer closeCeph()
-		if len(pools) != 1 {
-			return usageError{fmt.Errorf("--pool: name one pool per mount (got %d); mount each pool on its own mount point", len(pools))}
+		for _, p := range pools {
+			shown = append(shown, p.Backend.Name())
 		}
-		backend, instances, shown = pools[0], nil, pools[0].Name()
+		if backend == nil {
+			backend, staging = pools[0].Backend, poolStagingDir()
+		}
 	}
 
 	stderr := cmd.ErrOrStderr()
 	srv, err := fs.Mount(mountpoint, fs.Config{
 		Backend:    backend,
 		Instances:  instances,
+		Pools:      pools,
 		ReadOnly:   mountFlags.readOnly,
 		AllowOther: mountFlags.allowOther,
 		UID:        mountFlags.uid,
 		GID:        mountFlags.gid,
 		Umask:      uint32(umask),
-		// In the store, so that a crash's leftovers are found again.
-		StagingDir: filepath.Join(store.Dir(), "staging"),
+		StagingDir: staging,
 		Debug:      mountFlags.debug,
 		Logger:     log.New(stderr, "", log.LstdFlags),
 	})
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stderr, "snapfs: %s mounted on %s; Ctrl-C or fusermount3 -u %s unmounts\n", shown, srv.Mountpoint(), srv.Mountpoint())
+	fmt.Fprintf(stderr, "snapfs: %s mounted on %s; Ctrl-C or fusermount3 -u %s unmounts\n", strings.Join(shown, " and "), srv.Mountpoint(), srv.Mountpoint())
 
 	unmounted := make(chan struct{})
 	go func() {

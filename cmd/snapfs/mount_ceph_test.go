@@ -4,24 +4,35 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
+	"errors"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"snapfs/internal/qemutest"
 )
 
 func init() { binaryTags, binaryCgo = "ceph,pacific", "1" }
 
-// startCeph starts the project's one-node test cluster for this test and
-// returns its ceph.conf; the cluster is stopped at cleanup.
-func startCeph(t *testing.T) string {
+// startCeph starts the project's one-node test cluster for this test, with
+// the given RBD pools ("rbd" if none), and returns its ceph.conf; the
+// cluster is stopped at cleanup.
+func startCeph(t *testing.T, pools ...string) string {
 	t.Helper()
 	dir := t.TempDir()
 	start := exec.Command("../../scripts/ceph/start.sh", dir)
 	start.Env = append(os.Environ(), "CEPH_OWNER_PID="+strconv.Itoa(os.Getpid()))
+	if len(pools) > 0 {
+		start.Env = append(start.Env, "CEPH_POOLS="+strings.Join(pools, ","))
+	}
 	t.Cleanup(func() {
 		if out, err := exec.Command("../../scripts/ceph/stop.sh", dir).CombinedOutput(); err != nil {
 			t.Errorf("stopping the test cluster: %v\n%s", err, out)
@@ -45,8 +56,8 @@ func rbd(t *testing.T, conf string, args ...string) []byte {
 	return out
 }
 
-// TestMountCeph mounts an RBD pool: its images are volumes, mkdir takes an
-// RBD snapshot, disk.raw reads exactly what `rbd export` gives, disk.qcow2
+// TestMountCeph mounts an RBD pool alone, at the root: its images are
+// volumes, mkdir takes an RBD snapshot, disk.raw reads exactly what `rbd export` gives, disk.qcow2
 // is a clean qcow2 of the same content, rmdir removes the snapshot, and cp
 // into import/ creates an image.
 func TestMountCeph(t *testing.T) {
@@ -57,8 +68,13 @@ func TestMountCeph(t *testing.T) {
 	raw := qemutest.ConvertRawFile(t, src)
 	rbd(t, conf, "import", "--no-progress", raw, "rbd/vm1")
 
-	store, mnt := t.TempDir(), filepath.Join(t.TempDir(), "mnt")
-	startMount(t, store, mnt, "--ceph-conf", conf, "--pool", "rbd")
+	// No --store: the root is the pool, and imports are staged in TMPDIR.
+	mnt := filepath.Join(t.TempDir(), "mnt")
+	t.Setenv("TMPDIR", t.TempDir())
+	startMount(t, "", mnt, "--ceph-conf", conf, "--pool", "rbd")
+	if entries := readDirNames(t, mnt); !slices.Equal(entries, []string{"import", "instances", "pools", "volumes"}) {
+		t.Errorf("ls of the mount: %q", entries)
+	}
 	if err := os.Mkdir(filepath.Join(mnt, "volumes/vm1/snapshots/s1"), 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -90,5 +106,203 @@ func TestMountCeph(t *testing.T) {
 	}
 	if got := rbd(t, conf, "snap", "ls", "rbd/vm1"); bytes.Contains(got, []byte("s1")) {
 		t.Fatalf("rbd snap ls after rmdir: %s", got)
+	}
+}
+
+// readDirNames returns the names in dir, sorted.
+func readDirNames(t *testing.T, dir string) []string {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	return names
+}
+
+// TestMountCephPools mounts the local store and two pools at once: the
+// root is the local store, each pool is under pools/POOL/, imports and
+// snapshots go to the tree they are made in, and a clone in one pool of a
+// snapshot in the other shows its parent as a link across pools.
+func TestMountCephPools(t *testing.T) {
+	conf := startCeph(t, "rbd", "ssd")
+	work := t.TempDir()
+	src := qemutest.Create(t, "qcow2", filepath.Join(work, "src.qcow2"), "16M")
+	qemutest.IO(t, src, "write -P 0x11 0 1M", "write -P 0x22 9M 2M")
+	raw := qemutest.ConvertRawFile(t, src)
+	want, err := os.ReadFile(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rbd(t, conf, "import", "--no-progress", raw, "rbd/base")
+
+	store, mnt := t.TempDir(), filepath.Join(t.TempDir(), "mnt")
+	startMount(t, store, mnt, "--ceph-conf", conf, "--pool", "rbd,ssd")
+	if got := readDirNames(t, filepath.Join(mnt, "pools")); !slices.Equal(got, []string{"rbd", "ssd"}) {
+		t.Fatalf("ls pools: %q", got)
+	}
+	for _, pool := range []string{"rbd", "ssd"} {
+		if got := readDirNames(t, filepath.Join(mnt, "pools", pool)); !slices.Equal(got, []string{"import", "volumes"}) {
+			t.Errorf("ls pools/%s: %q", pool, got)
+		}
+	}
+
+	// Each import/ goes to its own tree.
+	cp := func(dst string) {
+		t.Helper()
+		if out, err := exec.Command("cp", src, filepath.Join(mnt, dst)).CombinedOutput(); err != nil {
+			t.Fatalf("cp into %s: %v\n%s", dst, err, out)
+		}
+	}
+	cp("import/local1")
+	cp("pools/ssd/import/fast1")
+	if got := readDirNames(t, filepath.Join(mnt, "volumes")); !slices.Equal(got, []string{"local1"}) {
+		t.Errorf("ls volumes (the local store): %q", got)
+	}
+	if got := readDirNames(t, filepath.Join(mnt, "pools/rbd/volumes")); !slices.Equal(got, []string{"base"}) {
+		t.Errorf("ls pools/rbd/volumes: %q", got)
+	}
+	if got := strings.Fields(string(rbd(t, conf, "ls", "ssd"))); !slices.Equal(got, []string{"fast1"}) {
+		t.Errorf("rbd ls ssd after cp into pools/ssd/import: %q", got)
+	}
+	if got := rbd(t, conf, "export", "--no-progress", "ssd/fast1", "-"); !bytes.Equal(got, want) {
+		t.Errorf("ssd/fast1 differs from its source")
+	}
+
+	// A snapshot in pool rbd, cloned into pool ssd.
+	if err := os.Mkdir(filepath.Join(mnt, "pools/rbd/volumes/base/snapshots/s1"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	rbd(t, conf, "snap", "protect", "rbd/base@s1")
+	rbd(t, conf, "clone", "rbd/base@s1", "ssd/kid")
+	kid := filepath.Join(mnt, "pools/ssd/volumes/kid")
+	var info struct {
+		Parent struct{ Volume, Snapshot string }
+	}
+	b, err := os.ReadFile(filepath.Join(kid, "info.json"))
+	if err == nil {
+		err = json.Unmarshal(b, &info)
+	}
+	if err != nil || info.Parent.Volume != "rbd/base" || info.Parent.Snapshot != "s1" {
+		t.Errorf("kid's info.json: parent %+v, %v", info.Parent, err)
+	}
+	link, err := os.Readlink(filepath.Join(kid, "parent"))
+	if err != nil || link != "../../../rbd/volumes/base/snapshots/s1" {
+		t.Errorf("readlink pools/ssd/volumes/kid/parent: %q, %v", link, err)
+	}
+	// The link resolves, inside the mount, to the parent snapshot.
+	if got, err := os.ReadFile(filepath.Join(kid, "parent/disk.raw")); err != nil || !bytes.Equal(got, want) {
+		t.Errorf("pools/ssd/volumes/kid/parent/disk.raw: %v", err)
+	}
+	if err := os.Mkdir(filepath.Join(kid, "snapshots/k1"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := os.ReadFile(filepath.Join(kid, "snapshots/k1/disk.raw")); err != nil || !bytes.Equal(got, want) {
+		t.Errorf("the clone's snapshot k1 does not read as its parent: %v", err)
+	}
+	// The parent snapshot cannot go while the clone needs it.
+	if err := os.Remove(filepath.Join(mnt, "pools/rbd/volumes/base/snapshots/s1")); !errors.Is(err, syscall.EBUSY) {
+		t.Errorf("rmdir of a cloned snapshot: %v, want EBUSY", err)
+	}
+}
+
+// TestMountCephOSDStopped stops the OSD while a snapshot is read through
+// the mount: the read fails with ETIMEDOUT within the configured timeout
+// (not a hang), the mount stays usable, and once the OSD answers again the
+// same open file reads right.
+func TestMountCephOSDStopped(t *testing.T) {
+	conf := startCeph(t)
+	work := t.TempDir()
+	data := make([]byte, 64<<20)
+	for i := range data {
+		data[i] = byte(i*7 + i>>20)
+	}
+	raw := filepath.Join(work, "data.raw")
+	if err := os.WriteFile(raw, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	rbd(t, conf, "import", "--no-progress", raw, "rbd/vm")
+	rbd(t, conf, "snap", "create", "--no-progress", "rbd/vm@s")
+
+	const timeout = 3 * time.Second
+	mnt := filepath.Join(t.TempDir(), "mnt")
+	t.Setenv("TMPDIR", t.TempDir())
+	startMount(t, "", mnt, "--ceph-conf", conf, "--pool", "rbd", "--ceph-timeout", timeout.String())
+	f, err := os.Open(filepath.Join(mnt, "volumes/vm/snapshots/s/disk.raw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	buf := make([]byte, 1<<20)
+	if _, err := f.ReadAt(buf, 0); err != nil || !bytes.Equal(buf, data[:1<<20]) {
+		t.Fatalf("read before the OSD stops: %v", err)
+	}
+
+	osd := func(verb string) {
+		t.Helper()
+		if out, err := exec.Command("../../scripts/ceph/osd.sh", verb, filepath.Dir(conf)).CombinedOutput(); err != nil {
+			t.Fatalf("osd.sh %s: %v\n%s", verb, err, out)
+		}
+	}
+	osd("stop")
+	resumed := false
+	t.Cleanup(func() {
+		if !resumed {
+			osd("start")
+		}
+	})
+	// Far from what was read: neither the kernel nor a readahead has it.
+	start := time.Now()
+	_, err = f.ReadAt(buf, 56<<20)
+	took := time.Since(start)
+	t.Logf("read with the OSD stopped: %v after %v", err, took)
+	if !errors.Is(err, syscall.ETIMEDOUT) {
+		t.Errorf("read with the OSD stopped: %v, want ETIMEDOUT", err)
+	}
+	// One FUSE request (disk.raw is direct I/O) waits the timeout for the
+	// OSD; twice that is a bound with room for a loaded machine.
+	if took > 2*timeout {
+		t.Errorf("read with the OSD stopped took %v; --ceph-timeout is %v", took, timeout)
+	}
+	// The mount answers: its root at once, a listing of the pool with an
+	// error in time.
+	if got := readDirNames(t, mnt); len(got) != 4 {
+		t.Errorf("ls of the mount with the OSD stopped: %q", got)
+	}
+	start = time.Now()
+	_, err = os.ReadDir(filepath.Join(mnt, "volumes"))
+	t.Logf("ls volumes with the OSD stopped: %v after %v", err, time.Since(start))
+	if err == nil || time.Since(start) > 2*timeout {
+		t.Errorf("ls volumes with the OSD stopped: %v after %v", err, time.Since(start))
+	}
+
+	osd("start")
+	resumed = true
+	deadline := time.Now().Add(time.Minute)
+	for {
+		_, err = f.ReadAt(buf, 56<<20)
+		if err == nil || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if err != nil || !bytes.Equal(buf, data[56<<20:57<<20]) {
+		t.Fatalf("read after the OSD came back: %v", err)
+	}
+	// The whole snapshot reads right again, through a new open too.
+	g, err := os.Open(filepath.Join(mnt, "volumes/vm/snapshots/s/disk.raw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	got, err := io.ReadAll(g)
+	if err != nil || !bytes.Equal(got, data) {
+		t.Errorf("disk.raw after the OSD came back: %d bytes, %v", len(got), err)
+	}
+	if got := readDirNames(t, filepath.Join(mnt, "volumes")); !slices.Equal(got, []string{"vm"}) {
+		t.Errorf("ls volumes after the OSD came back: %q", got)
 	}
 }

@@ -47,13 +47,16 @@ func isMounted(dir string) bool {
 	return false
 }
 
-// startMount runs `snapfs mount --store STORE args... MOUNTPOINT` and waits
-// until the mount serves. The test fails if the mount is still there when
-// it ends.
+// startMount runs `snapfs mount --store STORE args... MOUNTPOINT` (without
+// --store when store is "") and waits until the mount serves. The test
+// fails if the mount is still there when it ends.
 func startMount(t *testing.T, store, dir string, args ...string) *mountProc {
 	t.Helper()
 	p := &mountProc{dir: dir, exited: make(chan struct{})}
-	p.cmd = exec.Command(snapfsBin, append(append([]string{"mount", "--store", store}, args...), dir)...)
+	if store != "" {
+		args = append([]string{"--store", store}, args...)
+	}
+	p.cmd = exec.Command(snapfsBin, append(append([]string{"mount"}, args...), dir)...)
 	p.cmd.Stderr = p
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # start.sh DIR: a throwaway single-node Ceph cluster for snapfs tests and
 # benchmarks. One mon, one mgr and one OSD whose object store is memstore
-# (RAM), pool size 1, every socket on 127.0.0.1, an initialised "rbd" pool;
-# ready in seconds. No systemd: the daemons fork into the background and
-# write their PID files under DIR/run, which is all stop.sh uses.
+# (RAM), pool size 1, every socket on 127.0.0.1, initialised RBD pools
+# ("rbd", or CEPH_POOLS); ready in seconds. No systemd: the daemons fork into
+# the background and write their PID files under DIR/run, which is all
+# stop.sh uses; osd.sh pauses and resumes the OSD.
 #
 # It writes DIR/ceph.conf (clients need only that: CEPH_CONF=DIR/ceph.conf)
 # with the keyring DIR/keyring (client.admin), and DIR/env to source. The
@@ -19,6 +20,8 @@
 #   CEPH_STORE_BYTES  the capacity the OSD advertises (default 4 GiB; memstore
 #                     uses RAM only for what is written)
 #   CEPH_WAIT         seconds to wait for the cluster (default 120)
+#   CEPH_POOLS        the RBD pools to create and initialise, comma-separated
+#                     (default rbd)
 #   CEPH_OWNER_PID    a process whose end stops the cluster (a test binary
 #                     that may die before it runs stop.sh: a panic, a
 #                     timeout, kill -9); stop.sh ends this watchdog too
@@ -183,10 +186,14 @@ quiet ceph-osd -c "$CONF" -i 0 --mkfs --osd-uuid "$osd_uuid"
 quiet ceph-osd -c "$CONF" -i 0
 log "osd started (memstore, $((STORE_BYTES >> 20)) MiB)"
 
-quiet timeout "$WAIT" ceph -c "$CONF" osd pool create rbd 8 8
-# rbd pool init waits for the pool's PGs to be active: the OSD is up.
-quiet timeout "$WAIT" rbd -c "$CONF" pool init rbd
-log "pool rbd initialised"
+IFS=, read -ra pools <<<"${CEPH_POOLS:-rbd}"
+for pool in "${pools[@]}"; do
+	[[ $pool =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*$ ]] || die "CEPH_POOLS: bad pool name '$pool'"
+	quiet timeout "$WAIT" ceph -c "$CONF" osd pool create "$pool" 8 8
+	# rbd pool init waits for the pool's PGs to be active: the OSD is up.
+	quiet timeout "$WAIT" rbd -c "$CONF" pool init "$pool"
+	log "pool $pool initialised"
+done
 
 deadline=$((SECONDS + WAIT))
 until ceph -c "$CONF" mgr stat -f json 2>/dev/null | grep -q '"available": *true'; do
@@ -194,8 +201,8 @@ until ceph -c "$CONF" mgr stat -f json 2>/dev/null | grep -q '"available": *true
 	sleep 0.3
 done
 # A real image create and remove: clients can use rbd.
-quiet timeout "$WAIT" rbd -c "$CONF" create --size 4M rbd/.snapfs-ready-probe
-quiet timeout "$WAIT" rbd -c "$CONF" rm --no-progress rbd/.snapfs-ready-probe
+quiet timeout "$WAIT" rbd -c "$CONF" create --size 4M "${pools[0]}/.snapfs-ready-probe"
+quiet timeout "$WAIT" rbd -c "$CONF" rm --no-progress "${pools[0]}/.snapfs-ready-probe"
 until h=$(ceph -c "$CONF" health 2>/dev/null) && [[ $h == HEALTH_OK* || $h == HEALTH_WARN* ]]; do
 	((SECONDS < deadline)) || die "cluster health: $h"
 	sleep 0.3
