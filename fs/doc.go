@@ -34,8 +34,11 @@
 //
 // # Caching
 //
-// Snapshots never change: their exports are cached by the kernel (long
-// attribute and entry timeouts, FOPEN_KEEP_CACHE), and inode numbers are
+// Snapshots never change: their attributes and entries are cached by the
+// kernel (long timeouts); their exports are served with direct I/O and read
+// ahead by snapfs for sequential readers (readahead.go, at most 48 MiB per
+// process): copying into new page-cache pages cost more than it saved, and
+// mmap with MAP_SHARED is refused (MAP_PRIVATE works). Inode numbers are
 // derived from identity (backend, volume, snapshot and their creation
 // times, file name), so they stay the same across remounts and a snapshot
 // deleted and taken again under the same name never shows the old one's

@@ -10,8 +10,9 @@ import (
 // Options.Cache is nil.
 const DefaultCacheBytes = 64 << 20
 
-// Cache keeps L2 tables and decompressed clusters, bounded in bytes and
-// evicting the least recently used. It is safe for concurrent use and may be
+// Cache keeps L2 tables (raw, and parsed into runs for lookups) and
+// decompressed clusters, bounded in bytes and evicting the least recently
+// used. It is safe for concurrent use and may be
 // shared by many chains: entries are keyed by a layer identity unique to the
 // process.
 type Cache struct {
@@ -26,18 +27,20 @@ type Cache struct {
 type cacheKey struct {
 	layer  uint64
 	offset int64
-	kind   uint8 // cacheL2, cacheCluster or cacheRefblock
+	kind   uint8 // cacheL2, cacheCluster, cacheRefblock or cacheL2Map
 }
 
 const (
 	cacheL2 uint8 = iota
 	cacheCluster
 	cacheRefblock
+	cacheL2Map
 )
 
 type cacheEntry struct {
-	key  cacheKey
-	data []byte
+	key   cacheKey
+	value any
+	size  int64
 }
 
 // NewCache returns a cache that holds at most maxBytes of data.
@@ -48,19 +51,28 @@ func NewCache(maxBytes int64) *Cache {
 // get returns the cached bytes for key, or nil. The bytes must not be
 // modified.
 func (c *Cache) get(key cacheKey) []byte {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if el, ok := c.entries[key]; ok {
-		c.lru.MoveToFront(el)
-		return el.Value.(*cacheEntry).data
-	}
-	return nil
+	b, _ := c.getValue(key).([]byte)
+	return b
 }
 
 // put stores data under key, evicting old entries to stay within bounds.
 // Data larger than the whole cache is not kept.
-func (c *Cache) put(key cacheKey, data []byte) {
-	size := int64(len(data))
+func (c *Cache) put(key cacheKey, data []byte) { c.putValue(key, data, int64(len(data))) }
+
+// getValue returns the value cached under key, or nil. It must not be
+// modified.
+func (c *Cache) getValue(key cacheKey) any {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if el, ok := c.entries[key]; ok {
+		c.lru.MoveToFront(el)
+		return el.Value.(*cacheEntry).value
+	}
+	return nil
+}
+
+// putValue stores value, which takes size bytes, under key, as put does.
+func (c *Cache) putValue(key cacheKey, value any, size int64) {
 	if size > c.maxBytes {
 		return
 	}
@@ -75,9 +87,9 @@ func (c *Cache) put(key cacheKey, data []byte) {
 		e := oldest.Value.(*cacheEntry)
 		c.lru.Remove(oldest)
 		delete(c.entries, e.key)
-		c.bytes -= int64(len(e.data))
+		c.bytes -= e.size
 	}
-	c.entries[key] = c.lru.PushFront(&cacheEntry{key: key, data: data})
+	c.entries[key] = c.lru.PushFront(&cacheEntry{key: key, value: value, size: size})
 	c.bytes += size
 }
 

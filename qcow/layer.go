@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sort"
 )
 
 // layer is one image of a chain, read on its own: it says how each range
@@ -137,6 +138,16 @@ func (l *qcowLayer) l2Table(off int64) ([]byte, error) {
 	if t := l.cache.get(key); t != nil {
 		return t, nil
 	}
+	t, err := l.readL2(off)
+	if err != nil {
+		return nil, err
+	}
+	l.cache.put(key, t)
+	return t, nil
+}
+
+// readL2 reads the L2 table at host offset off, bypassing the cache.
+func (l *qcowLayer) readL2(off int64) ([]byte, error) {
 	cs := l.h.clusterSize()
 	// A table that starts in the file and runs past its end reads as
 	// zeros there, as in QEMU (iotests 060 reads an L2 table linked onto
@@ -148,11 +159,92 @@ func (l *qcowLayer) l2Table(off int64) ([]byte, error) {
 	if _, err := l.f.ReadAt(t, off); err != nil && !errors.Is(err, io.EOF) {
 		return nil, fmt.Errorf("qcow: reading L2 table at %#x: %w", off, err)
 	}
-	l.cache.put(key, t)
 	return t, nil
 }
 
-// lookup implements layer. It walks the L2 table that covers off and
+// l2Map is an L2 table of standard (not extended) entries parsed into
+// runs of clusters that read alike: what lookups use, so that a lookup
+// costs a binary search however long the run it falls in. A deep chain
+// asks every layer above the one that holds a range, on every read: a
+// scan of the entries each time would cost depth times the clusters read.
+type l2Map struct {
+	runs []l2Run // ascending by first, covering the whole table
+	// entries is the number of entries of the table.
+	entries int32
+}
+
+// l2Run is a run of entries of one kind: for data, host-contiguous.
+type l2Run struct {
+	first int32    // index of the run's first entry in the table
+	kind  unitKind // or unitCorrupt
+	// host is the host offset of the first cluster (unitData), or the
+	// raw L2 entry (unitCompressed, one cluster per run).
+	host int64
+}
+
+// unitCorrupt marks entries that unitAt refuses: the error is made again
+// when a read reaches them, so that the rest of the table stays readable.
+const unitCorrupt unitKind = -1
+
+// What a parsed table takes in the cache's accounting: its runs, and the
+// bookkeeping of an entry, so that many small maps are bounded too.
+const (
+	l2RunBytes    = 16
+	l2MapOverhead = 256
+)
+
+// l2Map returns the parsed L2 table at host offset off, through the cache.
+// l1Index is the index of an L1 entry that points at it.
+func (l *qcowLayer) l2Map(off, l1Index int64) (*l2Map, error) {
+	key := cacheKey{layer: l.id, offset: off, kind: cacheL2Map}
+	if m, ok := l.cache.getValue(key).(*l2Map); ok {
+		return m, nil
+	}
+	// The raw table is not cached as well: lookups need only the runs.
+	table := l.cache.get(cacheKey{layer: l.id, offset: off, kind: cacheL2})
+	if table == nil {
+		var err error
+		if table, err = l.readL2(off); err != nil {
+			return nil, err
+		}
+	}
+	m := l.parseL2(table, l1Index)
+	l.cache.putValue(key, m, l2MapOverhead+int64(len(m.runs))*l2RunBytes)
+	return m, nil
+}
+
+// parseL2 parses a table of standard L2 entries into runs.
+func (l *qcowLayer) parseL2(table []byte, l1Index int64) *l2Map {
+	h := l.h
+	cs := h.clusterSize()
+	n := h.l2Entries()
+	m := &l2Map{entries: int32(n)}
+	for j := int64(0); j < n; j++ {
+		var kind unitKind
+		var host int64
+		if binary.BigEndian.Uint64(table[j*8:]) == 0 {
+			kind = unitUnallocated // the common case, without the checks
+		} else {
+			var err error
+			kind, host, err = l.unitAt(table, (l1Index*n+j)<<h.clusterBits, l1Index)
+			if err != nil {
+				kind = unitCorrupt
+			}
+		}
+		if k := len(m.runs) - 1; k >= 0 {
+			last := m.runs[k]
+			switch {
+			case kind != last.kind || kind == unitCompressed || kind == unitCorrupt:
+			case kind != unitData || host == last.host+(j-int64(last.first))*cs:
+				continue // the run goes on
+			}
+		}
+		m.runs = append(m.runs, l2Run{first: int32(j), kind: kind, host: host})
+	}
+	return m
+}
+
+// lookup implements layer. It finds the L2 table that covers off and
 // returns the longest run of units (clusters, or subclusters with extended
 // L2 entries) of one kind, host-contiguous for data.
 func (l *qcowLayer) lookup(off, maxLen int64) (run, error) {
@@ -167,15 +259,26 @@ func (l *qcowLayer) lookup(off, maxLen int64) (run, error) {
 	if l2Off == 0 {
 		return run{kind: unitUnallocated, length: maxLen}, nil
 	}
+	if !h.extendedL2() {
+		return l.lookupMap(off, maxLen, l2Off, l1Index)
+	}
 	table, err := l.l2Table(l2Off)
 	if err != nil {
 		return run{}, err
 	}
+	return l.lookupScan(table, off, maxLen, l1Index)
+}
+
+// lookupScan is lookup by a walk over the entries of the table from off:
+// for extended L2 entries, whose subclusters a parsed map would multiply
+// by 32. maxLen is clipped to the table already.
+func (l *qcowLayer) lookupScan(table []byte, off, maxLen, l1Index int64) (run, error) {
+	h := l.h
+	cs := h.clusterSize()
 	unitBits := h.clusterBits
 	if h.extendedL2() {
 		unitBits -= 5 // 32 subclusters
 	}
-	unit := int64(1) << unitBits
 	first := true
 	var r run
 	for pos := off; pos < off+maxLen; {
@@ -201,9 +304,46 @@ func (l *qcowLayer) lookup(off, maxLen int64) (run, error) {
 		}
 		pos = unitEnd
 		r.length = min(pos, off+maxLen) - off
-		_ = unit
 	}
 	return r, nil
+}
+
+// lookupMap is lookup in a table of standard entries, through its l2Map.
+// maxLen is clipped to the table already.
+func (l *qcowLayer) lookupMap(off, maxLen, l2Off, l1Index int64) (run, error) {
+	h := l.h
+	m, err := l.l2Map(l2Off, l1Index)
+	if err != nil {
+		return run{}, err
+	}
+	tableStart := l1Index * h.l2Entries() << h.clusterBits
+	j := int32((off - tableStart) >> h.clusterBits)
+	k := sort.Search(len(m.runs), func(k int) bool { return m.runs[k].first > j }) - 1
+	r := m.runs[k]
+	end := m.entries
+	if k+1 < len(m.runs) {
+		end = m.runs[k+1].first
+	}
+	length := min(maxLen, tableStart+int64(end)<<h.clusterBits-off)
+	switch r.kind {
+	case unitCorrupt:
+		table, err := l.l2Table(l2Off)
+		if err != nil {
+			return run{}, err
+		}
+		if _, _, err := l.unitAt(table, off, l1Index); err != nil {
+			return run{}, err
+		}
+		panic("BUG: qcow: an L2 entry parsed as corrupt reads without error")
+	case unitCompressed:
+		cs := h.clusterSize()
+		host, csize := l2Entry(r.host).compressedRange(h.clusterBits)
+		return run{kind: unitCompressed, host: host, csize: csize, guestBase: off &^ (cs - 1), length: length}, nil
+	case unitData:
+		host := r.host + (off - tableStart - int64(r.first)<<h.clusterBits)
+		return run{kind: unitData, host: host, length: length}, nil
+	}
+	return run{kind: r.kind, length: length}, nil
 }
 
 // unitAt classifies the unit holding guest offset pos in its L2 table, as
