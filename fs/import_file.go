@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"sync"
 	"syscall"
 	"time"
@@ -25,13 +24,16 @@ import (
 //
 // The import happens in FLUSH, the only reply the writer's close(2) waits
 // for and reports: the staging file is opened as an untrusted image
-// (snapshot.OpenUntrusted) and handed to Backend.ImportVolume. On success
-// volumes/NAME appears. On failure close() returns the errno, the reason
-// goes to the log (one line, with what to do), and nothing is created:
-// every refused image (broken, hostile, with a backing or data file,
-// encrypted, too large) is EINVAL, since the model's ImportError wraps
-// snapshot.ErrInvalid; a full disk is ENOSPC; an import cut short is EINTR.
-// Either way the staging file is removed.
+// (snapshot.OpenStaged) and handed to Backend.ImportVolume. The local
+// store takes a qcow2 staging file over as the volume's base layer, by a
+// rename, when the staging directory is on its filesystem (as `snapfs
+// mount` puts it); it copies anything else. On success volumes/NAME
+// appears. On failure close() returns the errno, the reason goes to the
+// log (one line, with what to do), and nothing is created: every refused
+// image (broken, hostile, with a backing or data file, encrypted, too
+// large) is EINVAL, since the model's ImportError wraps
+// snapshot.ErrInvalid; a full disk is ENOSPC; an import cut short is
+// EINTR. Either way the staging file is removed.
 //
 // When a FLUSH comes:
 //   - nothing was written or truncated yet: nothing to import (a shell opens
@@ -46,7 +48,12 @@ import (
 // read-only, with the size it had: tools stat the file and set its times
 // after they close it (rsync --inplace does), and must not fail then.
 //
-// Lock order: importFile.mu, then importContents.mu.
+// A folder copied into import/ (cp -r) is restored instead: see
+// import_dir.go. Its files are importFiles too, whose closes the folder
+// sees (closeInFolder).
+//
+// Lock order: importFile.mu, then folderRestore.mu, then
+// importContents.mu.
 
 // importLinger is how long import/NAME stays after its import succeeded.
 const importLinger = time.Minute
@@ -59,6 +66,7 @@ type importContents struct {
 	mu       sync.Mutex // protects the fields below
 	pending  map[string]*importFile
 	finished map[string]finishedImport
+	folders  map[string]*folderRestore
 }
 
 // finishedImport is an import that succeeded, still shown in import/.
@@ -81,12 +89,15 @@ func (c *importContents) list(context.Context) ([]treeNode, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.prune()
-	out := make([]treeNode, 0, len(c.pending)+len(c.finished))
+	out := make([]treeNode, 0, len(c.pending)+len(c.finished)+len(c.folders))
 	for _, f := range c.pending {
 		out = append(out, f)
 	}
 	for _, fi := range c.finished {
 		out = append(out, fi.f)
+	}
+	for _, r := range c.folders {
+		out = append(out, r.top)
 	}
 	return out, nil
 }
@@ -97,11 +108,25 @@ func (c *importContents) find(_ context.Context, name string) (treeNode, error) 
 	if f, ok := c.pending[name]; ok {
 		return f, nil
 	}
+	if r, ok := c.folders[name]; ok {
+		return r.top, nil
+	}
 	c.prune()
 	if fi, ok := c.finished[name]; ok {
 		return fi.f, nil
 	}
 	return nil, notFound(name)
+}
+
+// taken returns an error if name is in use in import/. c.mu is held.
+func (c *importContents) taken(name string) error {
+	if _, ok := c.pending[name]; ok {
+		return fmt.Errorf("%w: import %q is being written", snapshot.ErrExists, name)
+	}
+	if _, ok := c.folders[name]; ok {
+		return fmt.Errorf("%w: import/%s is a folder", snapshot.ErrExists, name)
+	}
+	return nil
 }
 
 // create starts the import of volume name.
@@ -116,29 +141,15 @@ func (c *importContents) create(ctx context.Context, name string) (treeNode, fus
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if _, ok := c.pending[name]; ok {
-		return nil, nil, fmt.Errorf("%w: import %q is being written", snapshot.ErrExists, name)
+	if err := c.taken(name); err != nil {
+		return nil, nil, err
 	}
-	tmp, err := createStaging(c.fsys.staging)
+	staged, err := createStaging(c.fsys.staging)
 	if err != nil {
 		return nil, nil, fmt.Errorf("import %s: creating the staging file: %w", name, err)
 	}
-	now := time.Now()
-	f := &importFile{
-		node: node{
-			fsys: c.fsys,
-			name: name,
-			// A new identity for every import: the inode of a
-			// finished import must not be mistaken for the next.
-			id:   c.id.versioned(name, now),
-			mode: syscall.S_IFREG | c.fsys.perm(true, true, false),
-			// No caching: import/NAME goes when the import is done.
-		},
-		dir:     c,
-		tmp:     tmp,
-		started: now,
-		writers: 1,
-	}
+	f := c.fsys.newImportFile(name, c.id, staged)
+	f.dir = c
 	if c.pending == nil {
 		c.pending = make(map[string]*importFile)
 	}
@@ -156,7 +167,11 @@ func (c *importContents) unlink(_ context.Context, name string) error {
 		c.mu.Unlock()
 		return nil
 	}
+	_, folder := c.folders[name]
 	c.mu.Unlock()
+	if folder {
+		return syscall.EISDIR
+	}
 	if !ok {
 		return notFound(name)
 	}
@@ -169,42 +184,69 @@ func (c *importContents) unlink(_ context.Context, name string) error {
 	return nil
 }
 
-// importFile is import/NAME while it is written.
+// importFile is import/NAME while it is written, or a file of a folder
+// copied into import/.
 type importFile struct {
 	node
+	// dir is import/, for a file of its own; folder the folder that
+	// holds the file otherwise. One of them is nil.
 	dir     *importContents
+	folder  *importFolder
 	started time.Time
 
 	// mu protects the fields below. It is held during the import itself,
 	// so that no write slips in while the image is read.
 	mu      sync.Mutex
-	tmp     *os.File // nil once finished
-	size    int64    // of the file when it finished
-	writers int      // open handles that may write
-	dirty   bool     // written or truncated since create
-	done    bool     // imported, failed or abandoned: no more writes
-	result  error    // of the import, once done
+	staged  *stagedFile // nil once finished
+	size    int64       // of the file when it finished
+	writers int         // open handles that may write
+	dirty   bool        // written or truncated since create
+	done    bool        // imported, failed or abandoned: no more writes
+	result  error       // of the import, once done
 	// importing is closed when the import in progress ends; nil when
 	// none is.
 	importing chan struct{}
+	// open is set while the file of a folder has a writer whose close the
+	// folder has not seen yet (see closeInFolder).
+	open bool
 }
 
 var (
-	_ fusefs.NodeGetattrer = (*importFile)(nil)
-	_ fusefs.NodeSetattrer = (*importFile)(nil)
-	_ fusefs.NodeOpener    = (*importFile)(nil)
+	_ fusefs.NodeGetattrer  = (*importFile)(nil)
+	_ fusefs.NodeSetattrer  = (*importFile)(nil)
+	_ fusefs.NodeSetxattrer = (*importFile)(nil)
+	_ fusefs.NodeOpener     = (*importFile)(nil)
 )
+
+// newImportFile returns the node of a file being written to staged, in the
+// directory whose identity is parent, with its first writer.
+func (fsys *filesystem) newImportFile(name string, parent identity, staged *stagedFile) *importFile {
+	now := time.Now()
+	return &importFile{
+		node: node{
+			fsys: fsys,
+			name: name,
+			// A new identity for every import: the inode of a
+			// finished import must not be mistaken for the next.
+			id:   parent.versioned(name, now),
+			mode: syscall.S_IFREG | fsys.perm(true, true, false),
+			// No caching: import/NAME goes when the import is done.
+		},
+		staged:  staged,
+		started: now,
+		writers: 1,
+	}
+}
 
 func (f *importFile) attr(_ context.Context, a *fuse.Attr) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	var size, alloc int64
-	if f.tmp != nil {
-		var st syscall.Stat_t
-		if err := syscall.Fstat(int(f.tmp.Fd()), &st); err != nil {
+	if f.staged != nil {
+		var err error
+		if size, alloc, err = f.staged.stat(); err != nil {
 			return err
 		}
-		size, alloc = st.Size, st.Blocks*512
 	} else {
 		size = f.size
 	}
@@ -226,15 +268,22 @@ func (f *importFile) Setattr(ctx context.Context, _ fusefs.FileHandle, in *fuse.
 		f.mu.Lock()
 		err := f.writable()
 		if err == nil {
-			err = f.tmp.Truncate(int64(size))
+			err = f.staged.Truncate(int64(size))
 			f.dirty = true
 		}
 		f.mu.Unlock()
 		if err != nil {
-			return f.fsys.errno("truncate import/"+f.name, err)
+			return f.fsys.errno("truncate "+f.path(), err)
 		}
 	}
 	return getattr(ctx, f, out)
+}
+
+// Setxattr implements [fusefs.NodeSetxattrer]: no extended attributes,
+// and saying so (ENOTSUP) lets cp -a go on without them (and set the mode
+// instead of an ACL); go-fuse would answer ENODATA, an error to cp.
+func (f *importFile) Setxattr(context.Context, string, []byte, uint32) syscall.Errno {
+	return syscall.ENOTSUP
 }
 
 // Open implements [fusefs.NodeOpener]: a second writer, or a reader of
@@ -243,22 +292,40 @@ func (f *importFile) Open(ctx context.Context, flags uint32) (fusefs.FileHandle,
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if err := f.writable(); err != nil {
-		return nil, 0, f.fsys.errno("open import/"+f.name, err)
+		return nil, 0, f.fsys.errno("open "+f.path(), err)
 	}
 	write := flags&syscall.O_ACCMODE != syscall.O_RDONLY
 	if write {
+		if err := f.staged.openWrite(); err != nil {
+			return nil, 0, f.fsys.errno("open "+f.path(), err)
+		}
+		if f.folder != nil && !f.open {
+			f.folder.restore.opened(1)
+			f.open = true
+		}
 		f.writers++
 	}
 	return &importHandle{f: f, write: write}, fuse.FOPEN_DIRECT_IO, 0
+}
+
+// path is the file's path in the mount, for messages.
+func (f *importFile) path() string {
+	if f.folder != nil {
+		return f.folder.mountPath() + "/" + f.name
+	}
+	return "import/" + f.name
 }
 
 // writable says why the file takes no more writes, if it does not. f.mu is
 // held.
 func (f *importFile) writable() error {
 	if f.importing != nil {
-		return fmt.Errorf("%w: import/%s is being imported", snapshot.ErrBusy, f.name)
+		return fmt.Errorf("%w: %s is being imported", snapshot.ErrBusy, f.path())
 	}
 	if !f.done {
+		if f.folder != nil {
+			return f.folder.restore.writable()
+		}
 		return nil
 	}
 	if f.result == nil {
@@ -271,22 +338,28 @@ func (f *importFile) writable() error {
 // top of the file.
 func (f *importFile) flush(ctx context.Context) error {
 	f.mu.Lock()
-	defer f.mu.Unlock()
 	f.waitImport()
 	if f.done {
+		defer f.mu.Unlock()
 		return f.result
 	}
 	if !f.dirty || f.writers > 1 {
+		f.mu.Unlock()
 		return nil
 	}
 	if caller, ok := fuse.FromContext(ctx); ok {
 		if failed, how := callerExitFailed(int(caller.Pid)); failed {
+			defer f.mu.Unlock()
 			f.finish(fmt.Errorf("import %s: abandoned: the writer (pid %d) %s before closing the file", f.name, caller.Pid, how))
 			return f.result
 		}
 	}
 	mctx, cancel := f.fsys.mutationContext(ctx)
 	defer cancel()
+	if f.folder != nil {
+		return f.closeInFolder(mctx) // unlocks f.mu
+	}
+	defer f.mu.Unlock()
 	f.importVolume(mctx)
 	return f.result
 }
@@ -299,17 +372,30 @@ var errNothingWritten = errors.New("nothing was written")
 // Its errors can only be logged.
 func (f *importFile) release() {
 	f.mu.Lock()
-	defer f.mu.Unlock()
 	f.writers--
 	if f.writers > 0 || f.done || f.importing != nil {
-		return
-	}
-	if !f.dirty {
-		f.finish(errNothingWritten)
+		f.mu.Unlock()
 		return
 	}
 	mctx, cancel := context.WithCancel(f.fsys.ctx)
 	defer cancel()
+	if f.folder != nil {
+		if f.open {
+			// A file of a folder may be empty (touch): it is
+			// complete all the same.
+			if err := f.closeInFolder(mctx); err != nil {
+				f.fsys.log.Printf("snapfs: %s: %v", f.path(), err)
+			}
+			return
+		}
+		f.mu.Unlock()
+		return
+	}
+	defer f.mu.Unlock()
+	if !f.dirty {
+		f.finish(errNothingWritten)
+		return
+	}
 	f.importVolume(mctx)
 }
 
@@ -330,15 +416,21 @@ func (f *importFile) waitImport() {
 func (f *importFile) importVolume(ctx context.Context) {
 	done := make(chan struct{})
 	f.importing = done
-	path := f.tmp.Name()
+	// The writer is done: nothing may write to the file any more, so
+	// that the store can take it over (see snapshot.StagedImage). No
+	// fsync: the store syncs what it keeps, and after a crash the
+	// staging file is swept anyway.
+	err := f.staged.closeWrite()
+	path := f.staged.path
 	f.mu.Unlock()
 
-	// No fsync of the staging file: the store writes and syncs its own
-	// copy, and after a crash the staging file is swept anyway.
-	img, err := snapshot.OpenUntrusted(path)
 	if err == nil {
-		_, err = f.fsys.backend.ImportVolume(ctx, f.name, img, nil)
-		img.Close()
+		var img *snapshot.StagedImage
+		img, err = snapshot.OpenStaged(path)
+		if err == nil {
+			_, err = f.fsys.backend.ImportVolume(ctx, f.name, img, nil)
+			img.Close()
+		}
 	}
 
 	f.mu.Lock()
@@ -354,13 +446,10 @@ func (f *importFile) finish(result error) {
 		return
 	}
 	f.done, f.result = true, result
-	if f.tmp != nil {
-		if st, err := f.tmp.Stat(); err == nil {
-			f.size = st.Size()
-		}
-		os.Remove(f.tmp.Name())
-		f.tmp.Close()
-		f.tmp = nil
+	f.dropStaged()
+	if f.folder != nil {
+		f.folder.restore.fileDone(f, result)
+		return
 	}
 	c := f.dir
 	c.mu.Lock()
@@ -380,6 +469,19 @@ func (f *importFile) finish(result error) {
 	case result != errNothingWritten:
 		f.fsys.log.Printf("snapfs: import %s failed, nothing imported: %v", f.name, result)
 	}
+}
+
+// dropStaged removes the staging file, keeping its size for stat. f.mu
+// is held.
+func (f *importFile) dropStaged() {
+	if f.staged == nil {
+		return
+	}
+	if size, _, err := f.staged.stat(); err == nil {
+		f.size = size
+	}
+	f.staged.drop()
+	f.staged = nil
 }
 
 // importHandle is an open import/NAME.
@@ -403,12 +505,12 @@ func (h *importHandle) Write(_ context.Context, data []byte, off int64) (uint32,
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if err := f.writable(); err != nil {
-		return 0, f.fsys.errno("write import/"+f.name, err)
+		return 0, f.fsys.errno("write "+f.path(), err)
 	}
-	n, err := f.tmp.WriteAt(data, off)
+	n, err := f.staged.WriteAt(data, off)
 	f.dirty = true
 	if err != nil {
-		return uint32(n), f.fsys.errno("write import/"+f.name, err)
+		return uint32(n), f.fsys.errno("write "+f.path(), err)
 	}
 	return uint32(n), 0
 }
@@ -418,12 +520,12 @@ func (h *importHandle) Read(_ context.Context, dest []byte, off int64) (fuse.Rea
 	f := h.f
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.tmp == nil {
+	if f.staged == nil {
 		return nil, syscall.EBADF
 	}
-	n, err := f.tmp.ReadAt(dest, off)
+	n, err := f.staged.ReadAt(dest, off)
 	if err != nil && !errors.Is(err, io.EOF) {
-		return nil, f.fsys.errno("read import/"+f.name, err)
+		return nil, f.fsys.errno("read "+f.path(), err)
 	}
 	return fuse.ReadResultData(dest[:n]), 0
 }
@@ -443,10 +545,10 @@ func (h *importHandle) Fsync(context.Context, uint32) syscall.Errno {
 	f := h.f
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.tmp == nil {
+	if f.staged == nil {
 		return 0
 	}
-	return f.fsys.errno("fsync import/"+f.name, f.tmp.Sync())
+	return f.fsys.errno("fsync "+f.path(), f.staged.Sync())
 }
 
 // Release implements [fusefs.FileReleaser].

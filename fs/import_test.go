@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"snapfs/internal/qemutest"
+	"snapfs/snapshot"
 )
 
 // stagingIn makes the mount stage imports in dir, so that tests can see
@@ -296,4 +297,138 @@ func TestImportInterrupted(t *testing.T) {
 	if vols, _ := store.ListVolumes(t.Context()); len(vols) != 0 {
 		t.Errorf("volumes after interrupted imports: %v", vols)
 	}
+}
+
+// baseLayer returns the file of the bottom layer of volume name.
+func baseLayer(t testing.TB, m *mounted, name string) string {
+	t.Helper()
+	v, err := m.store.Volume(t.Context(), name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v.Chain[len(v.Chain)-1]
+}
+
+// TestImportAdopts: a qcow2 copied into import/ becomes the volume's base
+// layer as it is, by a rename, with no second copy; what the store cannot
+// keep as it is (raw, a qcow2 with internal snapshots, one marked dirty) is
+// copied. Either way the volume reads as the image, qemu-img check passes
+// on its chain, and nothing is left in the staging directory.
+func TestImportAdopts(t *testing.T) {
+	staging := t.TempDir()
+	store := newStore(t)
+	m := testMount(t, store, stagingIn(staging))
+	dir := t.TempDir()
+	path := func(name string) string { return filepath.Join(dir, name) }
+
+	// Compressed clusters and 4 KiB clusters: the store reads any qcow2.
+	qemutest.Create(t, "qcow2", path("plain.qcow2"), "16M", "-o", "cluster_size=4096")
+	qemutest.IO(t, path("plain.qcow2"), "write -P 0x41 0 3M", "write -c -P 0x42 8M 128k", "write -z 1M 64k")
+	qemutest.Create(t, "qcow2", path("snapshots.qcow2"), "16M")
+	qemutest.IO(t, path("snapshots.qcow2"), "write -P 0x43 0 1M")
+	qemutest.Img(t, "snapshot", "-c", "internal", path("snapshots.qcow2"))
+	qemutest.Create(t, "qcow2", path("dirty.qcow2"), "16M", "-o", "lazy_refcounts=on")
+	qemutest.IO(t, path("dirty.qcow2"), "write -P 0x44 0 1M")
+	setIncompatible(t, path("dirty.qcow2"), 1) // the dirty bit
+	raw := qemutest.ConvertRawFile(t, path("plain.qcow2"))
+
+	for _, c := range []struct {
+		file    string
+		adopted bool
+	}{{"plain.qcow2", true}, {"snapshots.qcow2", false}, {"dirty.qcow2", false}, {raw, false}} {
+		src := c.file
+		if !filepath.IsAbs(src) {
+			src = path(c.file)
+		}
+		name := strings.TrimSuffix(filepath.Base(c.file), ".qcow2")
+		if out, err := run("cp", src, m.path("import", name)); err != nil {
+			t.Fatalf("cp %s: %v: %s", c.file, err, out)
+		}
+		checkImported(t, m, name, src)
+		head, base := m.path("volumes", name, "head.raw"), baseLayer(t, m, name)
+		v, err := store.Volume(t.Context(), name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		qemutest.Check(t, v.HeadPath)
+		qemutest.Check(t, base)
+		qemutest.Compare(t, v.HeadPath, head)
+		same := compareFiles(src, base) == nil
+		if same != c.adopted {
+			t.Errorf("%s: base layer is the image as it is: %v, want %v", c.file, same, c.adopted)
+		}
+		if st, err := os.Stat(base); err != nil || st.Mode().Perm() != 0o400 {
+			t.Errorf("%s: base layer %s: %v, %v; want mode 0400", c.file, base, st.Mode(), err)
+		}
+	}
+	noLeftovers(t, m, staging, "dirty", "plain", "snapshots", filepath.Base(raw))
+}
+
+// setIncompatible sets bits in the incompatible features of a qcow2 v3.
+func setIncompatible(t testing.TB, path string, bits uint64) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var b [8]byte
+	if _, err := f.ReadAt(b[:], 72); err != nil {
+		t.Fatal(err)
+	}
+	binary.BigEndian.PutUint64(b[:], binary.BigEndian.Uint64(b[:])|bits)
+	if _, err := f.WriteAt(b[:], 72); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestImportStagingElsewhere: with the staging directory on another
+// filesystem than the store (/dev/shm, a tmpfs), the store cannot take
+// the staged file over, and copies it.
+func TestImportStagingElsewhere(t *testing.T) {
+	staging, err := os.MkdirTemp("/dev/shm", "snapfs-staging-")
+	if err != nil {
+		t.Fatalf("a staging directory on tmpfs: %v", err)
+	}
+	t.Cleanup(func() { os.RemoveAll(staging) })
+	store := newStore(t)
+	var a, b syscall.Statfs_t
+	if syscall.Statfs(staging, &a) != nil || syscall.Statfs(store.Dir(), &b) != nil || a.Fsid == b.Fsid {
+		t.Fatalf("%s and %s are on one filesystem", staging, store.Dir())
+	}
+	m := testMount(t, store, stagingIn(staging))
+	src := qemutest.Create(t, "qcow2", filepath.Join(t.TempDir(), "src.qcow2"), "8M")
+	qemutest.IO(t, src, "write -P 0x45 1M 2M")
+	if out, err := run("cp", src, m.path("import", "copied")); err != nil {
+		t.Fatalf("cp: %v: %s", err, out)
+	}
+	checkImported(t, m, "copied", src)
+	if compareFiles(src, baseLayer(t, m, "copied")) == nil {
+		t.Errorf("the base layer is the staged file, across filesystems")
+	}
+	noLeftovers(t, m, staging, "copied")
+}
+
+// TestCrashImportAdopting: kill -9 after a staged qcow2 was checked and
+// before the store moved it in leaves no volume, and the staging file is
+// swept at the next mount (crash checks both directories).
+func TestCrashImportAdopting(t *testing.T) {
+	src := qemutest.Create(t, "qcow2", filepath.Join(t.TempDir(), "src.qcow2"), "64M")
+	qemutest.IO(t, src, "write -P 0x52 0 32M")
+	w := newCrashWorld(t)
+	cp := func(mnt string) error {
+		out, err := exec.Command("cp", src, filepath.Join(mnt, "import/new")).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("%v: %s", err, out)
+		}
+		return nil
+	}
+	crash(t, w, snapshot.PauseImportAdopting, cp, "volumes/new/head.raw", qemutest.ConvertRawFile(t, src))
+	if _, err := os.Stat(filepath.Join(w.cfg.Mountpoint, "volumes/new")); !os.IsNotExist(err) {
+		t.Errorf("volumes/new after an import killed before its commit: %v", err)
+	}
+	if err := cp(w.cfg.Mountpoint); err != nil {
+		t.Fatalf("import after restart: %v", err)
+	}
+	sameContent(t, filepath.Join(w.cfg.Mountpoint, "volumes/new/head.raw"), qemutest.ConvertRawFile(t, src))
 }

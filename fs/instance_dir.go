@@ -199,8 +199,8 @@ type instanceSnapshotContents struct {
 func (c instanceSnapshotContents) entries() []treeNode {
 	f, s := c.fsys, c.snap
 	out := []treeNode{f.newJSONFile("meta.json", c.id.child("meta.json"), func(ctx context.Context) (any, time.Time, error) {
-		s, err := f.instances.InstanceSnapshot(ctx, s.Instance, s.Name)
-		return s, s.Created, err
+		m, err := snapshot.InstanceSnapshotMetaFor(ctx, f.backend, f.instances, s.Instance, s.Name)
+		return m, m.Created, err
 	})}
 	for _, d := range s.Disks {
 		ref := snapshot.SnapshotRef{Volume: d.Volume, Snapshot: d.Snapshot}

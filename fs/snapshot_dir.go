@@ -121,8 +121,8 @@ func (c snapshotContents) files() []treeNode {
 	f, s := c.fsys, c.snap
 	ref := snapshot.SnapshotRef{Volume: s.Volume, Snapshot: s.Name}
 	meta := f.newJSONFile("meta.json", c.id.child("meta.json"), func(ctx context.Context) (any, time.Time, error) {
-		s, err := f.backend.Snapshot(ctx, s.Volume, s.Name)
-		return s, s.Created, err
+		m, err := snapshot.VolumeSnapshotMetaFor(ctx, f.backend, s.Volume, s.Name)
+		return m, m.Created, err
 	})
 	return []treeNode{
 		f.newExportFile("disk.raw", c.id.child("disk.raw"), ref, s.Created, exportRaw),

@@ -9,43 +9,216 @@ import (
 	"syscall"
 )
 
-// Staging files: where import/NAME is written before it is imported.
+// Staging files: where import/NAME, and the files of a folder copied into
+// import/, are written before they are imported.
 //
-// Each is created in the staging directory (Config.StagingDir) and holds an
-// open file description lock (F_OFD_SETLK) for as long as it is open. The
-// lock goes with the process, kill -9 included, so a staging file without
-// a lock is an orphan: Mount removes those, and only those, so that two
-// mounts of one store can share the directory.
+// They are created in the staging directory (Config.StagingDir): a file
+// of its own for import/NAME, a directory (holding the folder under its
+// name) for a folder. Each holds a lock for as long as it is in use: an
+// open file description lock (F_OFD_SETLK, read) on a file, flock on a
+// directory. Either goes with the process, kill -9 included, so an entry
+// without one is an orphan: Mount removes those, and only those, so that
+// two mounts of one store can share the directory.
+//
+// Both kinds of lock are held on read-only descriptors: when the import
+// starts, every descriptor that writes is closed, so that the store can
+// tell that nobody writes to the file any more, and take it over (see
+// snapshot.StagedImage) instead of copying it.
 
-// stagingPrefix starts the name of every staging file.
+// stagingPrefix starts the name of every staging file and directory.
 const stagingPrefix = ".import-"
 
 // fOFDSetlk is F_OFD_SETLK (Linux 3.15+): a lock owned by the open file,
 // not by the process.
 const fOFDSetlk = 37
 
-// lockStaging locks f, without waiting.
-func lockStaging(f *os.File) error {
-	lk := syscall.Flock_t{Type: syscall.F_WRLCK, Whence: 0, Start: 0, Len: 1}
+// lockStaging locks the staging file f, without waiting: a read lock
+// (f is read-only), which the write lock the sweep tries conflicts with.
+func lockStaging(f *os.File, typ int16) error {
+	lk := syscall.Flock_t{Type: typ, Whence: 0, Start: 0, Len: 1}
 	return syscall.FcntlFlock(f.Fd(), fOFDSetlk, &lk)
 }
 
-// createStaging creates and locks a new staging file in dir.
-func createStaging(dir string) (*os.File, error) {
-	f, err := os.CreateTemp(dir, stagingPrefix)
+// stagedFile is one file being written in the staging directory. Its
+// write descriptor is open while a writer has it open (openWrite,
+// closeWrite); keep stays open until the file is dropped.
+//
+// Writes go through the page cache, as qemu-img's do: measured against
+// O_DIRECT (with the copy into aligned memory that go-fuse's buffers
+// need), they are faster, since the kernel writes back while cp goes on,
+// and the store's fsync of the file it takes over waits only for what is
+// left.
+//
+// A stagedFile is not safe for concurrent use: its owner serialises
+// calls (importFile.mu).
+type stagedFile struct {
+	path string
+	// keep is read-only: stat, reads, and the staging lock of a file of
+	// its own.
+	keep *os.File
+	// write is nil while closed.
+	write *os.File
+}
+
+// createStaging creates, opens for writing and locks a new staging file
+// in dir.
+func createStaging(dir string) (*stagedFile, error) {
+	w, err := os.CreateTemp(dir, stagingPrefix)
 	if err != nil {
 		return nil, err
 	}
-	if err := lockStaging(f); err != nil {
-		f.Close()
-		os.Remove(f.Name())
-		return nil, fmt.Errorf("locking %s: %w", f.Name(), err)
+	s, err := newStagedFile(w, true)
+	if err != nil {
+		w.Close()
+		os.Remove(w.Name())
+		return nil, err
 	}
-	return f, nil
+	return s, nil
+}
+
+// createStagedIn creates a file called name in dir, a staging directory
+// whose lock covers it, and opens it for writing.
+func createStagedIn(dir, name string) (*stagedFile, error) {
+	path := filepath.Join(dir, name)
+	w, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	s, err := newStagedFile(w, false)
+	if err != nil {
+		w.Close()
+		os.Remove(path)
+		return nil, err
+	}
+	return s, nil
+}
+
+// newStagedFile opens the rest of a staged file whose write descriptor w
+// was just created, locking it if it is a file of its own.
+func newStagedFile(w *os.File, lock bool) (*stagedFile, error) {
+	keep, err := os.OpenFile(w.Name(), os.O_RDONLY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil, err
+	}
+	if lock {
+		if err := lockStaging(keep, syscall.F_RDLCK); err != nil {
+			keep.Close()
+			return nil, fmt.Errorf("locking %s: %w", w.Name(), err)
+		}
+	}
+	return &stagedFile{path: w.Name(), keep: keep, write: w}, nil
+}
+
+// openWrite opens the write descriptor again, for a new writer.
+func (s *stagedFile) openWrite() error {
+	if s.write != nil {
+		return nil
+	}
+	w, err := os.OpenFile(s.path, os.O_WRONLY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		return err
+	}
+	s.write = w
+	return nil
+}
+
+// closeWrite closes the write descriptor: the file is complete, for now.
+// An error of close (a write-back error of NFS, say) is the writer's.
+func (s *stagedFile) closeWrite() error {
+	if s.write == nil {
+		return nil
+	}
+	err := s.write.Close()
+	s.write = nil
+	return err
+}
+
+// WriteAt writes p at off.
+func (s *stagedFile) WriteAt(p []byte, off int64) (int, error) {
+	if s.write == nil {
+		return 0, syscall.EBADF
+	}
+	return s.write.WriteAt(p, off)
+}
+
+// ReadAt reads what was written so far.
+func (s *stagedFile) ReadAt(p []byte, off int64) (int, error) { return s.keep.ReadAt(p, off) }
+
+// Truncate sets the size of the file, which need not be open for
+// writing (truncate(1) of a file already closed).
+func (s *stagedFile) Truncate(size int64) error {
+	if s.write == nil {
+		return os.Truncate(s.path, size)
+	}
+	return s.write.Truncate(size)
+}
+
+// Sync makes what was written durable.
+func (s *stagedFile) Sync() error { return s.keep.Sync() }
+
+// stat returns the size and the allocated bytes of the file.
+func (s *stagedFile) stat() (size, allocated int64, err error) {
+	var st syscall.Stat_t
+	if err := syscall.Fstat(int(s.keep.Fd()), &st); err != nil {
+		return 0, 0, err
+	}
+	return st.Size, st.Blocks * 512, nil
+}
+
+// drop closes the file and removes it, unless the store has taken it
+// over: then its path is gone, or names another file.
+func (s *stagedFile) drop() {
+	s.closeWrite()
+	if st, err := s.keep.Stat(); err == nil {
+		if at, err := os.Lstat(s.path); err == nil && os.SameFile(st, at) {
+			os.Remove(s.path)
+		}
+	}
+	s.keep.Close()
+}
+
+// stagingDir is a staging directory: the folder copied into import/ is
+// its only entry, under its own name (snapshot.RestoreName reads it).
+type stagingDir struct {
+	top  string   // the directory in the staging directory
+	path string   // top/NAME, the folder
+	lock *os.File // top, read-only, flock'ed
+}
+
+// createStagingDir creates and locks a staging directory for the folder
+// name.
+func createStagingDir(staging, name string) (*stagingDir, error) {
+	top, err := os.MkdirTemp(staging, stagingPrefix)
+	if err != nil {
+		return nil, err
+	}
+	d := &stagingDir{top: top, path: filepath.Join(top, name)}
+	if d.lock, err = os.Open(top); err == nil {
+		if err = syscall.Flock(int(d.lock.Fd()), syscall.LOCK_SH|syscall.LOCK_NB); err != nil {
+			d.lock.Close()
+		}
+	}
+	if err == nil {
+		if err = os.Mkdir(d.path, 0o700); err != nil {
+			d.lock.Close()
+		}
+	}
+	if err != nil {
+		os.RemoveAll(top)
+		return nil, fmt.Errorf("staging directory for %s: %w", name, err)
+	}
+	return d, nil
+}
+
+// remove removes the staging directory and everything left in it.
+func (d *stagingDir) remove() {
+	os.RemoveAll(d.top)
+	d.lock.Close()
 }
 
 // sweepStaging creates dir (0700) if needed and removes the staging files
-// that no process holds: what imports cut short by a crash left.
+// and directories that no process holds: what imports cut short by a
+// crash left.
 func sweepStaging(dir string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
@@ -59,11 +232,17 @@ func sweepStaging(dir string) error {
 			continue
 		}
 		path := filepath.Join(dir, e.Name())
-		f, err := os.OpenFile(path, os.O_RDWR, 0)
+		if e.IsDir() {
+			if err := sweepStagingDir(path); err != nil {
+				return err
+			}
+			continue
+		}
+		f, err := os.OpenFile(path, os.O_RDWR|syscall.O_NOFOLLOW, 0)
 		if err != nil {
 			continue // not ours to judge
 		}
-		err = lockStaging(f)
+		err = lockStaging(f, syscall.F_WRLCK)
 		if err == nil {
 			os.Remove(path)
 		} else if !errors.Is(err, syscall.EAGAIN) && !errors.Is(err, syscall.EACCES) {
@@ -73,4 +252,21 @@ func sweepStaging(dir string) error {
 		f.Close()
 	}
 	return nil
+}
+
+// sweepStagingDir removes the staging directory path unless it is locked.
+func sweepStagingDir(path string) error {
+	d, err := os.Open(path)
+	if err != nil {
+		return nil // not ours to judge
+	}
+	defer d.Close()
+	err = syscall.Flock(int(d.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+	switch {
+	case err == nil:
+		return os.RemoveAll(path)
+	case errors.Is(err, syscall.EWOULDBLOCK):
+		return nil // in use
+	}
+	return fmt.Errorf("checking %s: %w", path, err)
 }

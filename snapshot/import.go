@@ -77,6 +77,67 @@ func OpenUntrustedFile(f qcow.File) (qcow.Image, error) {
 	return c, nil
 }
 
+// PauseImportAdopting is the pause point (see PauseEnv) where a staged
+// image (StagedImage) has been checked and is about to be moved into the
+// store.
+const PauseImportAdopting = "import-adopting"
+
+// StagedImage is an image opened from a file that the caller gives up
+// once the image is imported or restored: a staged copy, such as the
+// mount writes for import/. A backend that can take the file over as it
+// is, rather than copy the image, does (the local store: see adoptFile);
+// any other reads it as the Image it is. Either way, the caller closes
+// the image and then removes what is left at the path, if anything is.
+type StagedImage struct {
+	qcow.Image
+	path string
+}
+
+// OpenStaged is OpenUntrusted for a staged file (see StagedImage): the same
+// checks, the same refusals.
+func OpenStaged(path string) (*StagedImage, error) {
+	img, err := OpenUntrusted(path)
+	if err != nil {
+		return nil, err
+	}
+	return &StagedImage{Image: img, path: path}, nil
+}
+
+// adoptable says why img, an untrusted image opened and checked by
+// OpenUntrustedFile, cannot be a layer of the store as it is, or returns
+// nil if it can: a lone qcow2 (no backing file, no data file: refused on
+// open already) that qemu opens read-only without repairing anything
+// (neither dirty nor marked corrupt), without internal snapshots (data
+// nobody could reach), whose virtual size is size, in whole sectors as
+// the store's sizes are. Any cluster size, compression or refcount width
+// will do: the store reads layers with the same engine that checked it.
+func adoptable(img qcow.Image, size int64) error {
+	c, ok := img.(*qcow.Chain)
+	if !ok || c.Depth() != 1 {
+		return errors.New("not a lone image")
+	}
+	info, err := c.Info()
+	if err != nil {
+		return err
+	}
+	l := info.Layers[0]
+	switch {
+	case l.Format != qcow.FormatQcow2:
+		return fmt.Errorf("%s, not qcow2", l.Format)
+	case l.VirtualSize != size || size%sectorSize != 0:
+		return fmt.Errorf("virtual size %d, want %d", l.VirtualSize, size)
+	case len(l.Snapshots) > 0:
+		return fmt.Errorf("%d internal snapshots", len(l.Snapshots))
+	}
+	for _, f := range l.Features {
+		switch f {
+		case "dirty", "corrupt", "external_data_file", "raw_external_data":
+			return fmt.Errorf("feature %s", f)
+		}
+	}
+	return nil
+}
+
 func checkImportSize(size int64) error {
 	switch {
 	case size <= 0:

@@ -212,3 +212,76 @@ func equalSets(a, b []string) bool {
 	}
 	return true
 }
+
+// TestImportStaged: the store takes a staged qcow2 over as the volume's
+// base layer, by a rename, unless someone still has the file open for
+// writing; then, as for a staged raw file, it copies. The staged path is
+// gone or left for the caller; the volume reads as the image either way.
+func TestImportStaged(t *testing.T) {
+	ctx := context.Background()
+	s := openStore(t)
+	dir := t.TempDir()
+	stage := func(name string) (path string, want []byte) {
+		path = qemutest.Create(t, "qcow2", filepath.Join(dir, name), "4M")
+		qemutest.IO(t, path, "write -P 0x5a 64k 1M")
+		orig, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return path, orig
+	}
+	importStaged := func(name, path string) Volume {
+		t.Helper()
+		img, err := OpenStaged(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer img.Close()
+		v, err := s.ImportVolume(ctx, name, img, nil)
+		if err != nil {
+			t.Fatalf("import %s: %v", name, err)
+		}
+		if got := readImage(t, mustOpenHead(t, s, name)); !bytes.Equal(got, qemutest.ConvertRaw(t, v.Chain[1])) {
+			t.Errorf("%s: the head does not read as its base layer", name)
+		}
+		return v
+	}
+
+	path, orig := stage("adopted.qcow2")
+	want := qemutest.ConvertRaw(t, path)
+	v := importStaged("adopted", path)
+	if base, err := os.ReadFile(v.Chain[1]); err != nil || !bytes.Equal(base, orig) {
+		t.Errorf("the base layer is not the staged file as it was: %v", err)
+	}
+	if _, err := os.Lstat(path); !os.IsNotExist(err) {
+		t.Errorf("the staged file is still at %s: %v", path, err)
+	}
+	if got := readImage(t, mustOpenHead(t, s, "adopted")); !bytes.Equal(got, want) {
+		t.Errorf("adopted volume reads wrong")
+	}
+
+	// Open for writing elsewhere: copied, not adopted.
+	path, orig = stage("written.qcow2")
+	writer, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v = importStaged("written", path)
+	writer.Close()
+	if base, err := os.ReadFile(v.Chain[1]); err != nil || bytes.Equal(base, orig) {
+		t.Errorf("a file open for writing was taken over: %v", err)
+	}
+	qemutest.Check(t, v.Chain[1])
+	checkNoStrayFiles(t, s)
+}
+
+// mustOpenHead opens the head of volume name.
+func mustOpenHead(t *testing.T, s *LocalStore, name string) qcow.Image {
+	t.Helper()
+	img, err := s.OpenHead(context.Background(), name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { img.Close() })
+	return img
+}

@@ -906,11 +906,13 @@ func (s *LocalStore) OpenHead(ctx context.Context, volume string) (qcow.Image, e
 
 // ImportVolume implements [Backend]. The image, untrusted (see
 // OpenUntrusted), is written as the new volume's base layer (a qcow2 file
-// of the store, flattened), with an empty head on top. The volume appears
-// in one metadata commit after both files are complete and synced; on any
-// error, or if the process dies, nothing appears and the files are removed
-// (at once, or by the next OpenLocal). The context's progress function
-// (WithProgress) sees the copy.
+// of the store, flattened), with an empty head on top; a StagedImage that
+// the store can keep as it is becomes the base layer by a rename instead
+// (see adoptFile). The volume appears in one metadata commit after both
+// files are complete and synced; on any error, or if the process dies,
+// nothing appears and the files are removed (at once, or by the next
+// OpenLocal). The context's progress function (WithProgress) sees the
+// copy.
 func (s *LocalStore) ImportVolume(ctx context.Context, name string, src qcow.Image, meta map[string]string) (Volume, error) {
 	spec := RestoreSpec{Volumes: []VolumeRestore{{Name: name, Image: src, Metadata: meta}}}
 	if err := s.createVolumes(ctx, spec, PauseImportConverting, PauseImportWritten); err != nil {

@@ -2,9 +2,12 @@ package snapshot
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"time"
 
 	"snapfs/qcow"
@@ -13,7 +16,8 @@ import (
 var _ Restorer = (*LocalStore)(nil)
 
 // Restore implements [Restorer]: every volume of spec is written (a base
-// layer, flattened from its image, under an empty head), then the volumes
+// layer, flattened from its image or taken over from a StagedImage's
+// file, under an empty head), then the volumes
 // and the instance appear in one metadata commit. On any error, or if the
 // process dies, nothing appears and the files are removed (at once, or by
 // the next OpenLocal).
@@ -140,31 +144,37 @@ func (s *LocalStore) createVolumes(ctx context.Context, spec RestoreSpec, pauseC
 	for i, v := range spec.Volumes {
 		src := padToSector(v.Image)
 		sizes[i] = src.Size()
-		base, err := s.createFile(newLayerName(), true)
+		progress := func(done, total int64) {
+			mu.Lock()
+			dones[i], totals[i] = done, total
+			var d, t int64
+			for k := range dones {
+				d, t = d+dones[k], t+totals[k]
+			}
+			mu.Unlock()
+			if report != nil {
+				report(d, t)
+			}
+			if done > 0 {
+				pauseAt(pauseConverting)
+			}
+		}
+		base, err := s.adoptFile(v.Image, sizes[i])
 		if err != nil {
 			return err
 		}
-		files = append(files, base)
-		err = qcow.Convert(ctx, base.f, src, qcow.ConvertOptions{
-			Format: qcow.FormatQcow2,
-			Progress: func(done, total int64) {
-				mu.Lock()
-				dones[i], totals[i] = done, total
-				var d, t int64
-				for k := range dones {
-					d, t = d+dones[k], t+totals[k]
-				}
-				mu.Unlock()
-				if report != nil {
-					report(d, t)
-				}
-				if done > 0 {
-					pauseAt(pauseConverting)
-				}
-			},
-		})
-		if err != nil {
-			return importRefusal(err)
+		if base != nil {
+			files = append(files, base)
+			progress(sizes[i], sizes[i])
+		} else {
+			if base, err = s.createFile(newLayerName(), true); err != nil {
+				return err
+			}
+			files = append(files, base)
+			err = qcow.Convert(ctx, base.f, src, qcow.ConvertOptions{Format: qcow.FormatQcow2, Progress: progress})
+			if err != nil {
+				return importRefusal(err)
+			}
 		}
 		if err := base.publish(0o400); err != nil {
 			return err
@@ -232,6 +242,70 @@ func (s *LocalStore) createVolumes(ctx context.Context, spec RestoreSpec, pauseC
 	}
 	committed = true
 	return nil
+}
+
+// adoptFile moves the file of a staged image (see StagedImage) into the
+// store, to be a base layer as it is instead of a copy, and returns it as
+// a newFile, guarded from the sweep until the commit. It returns nil, and
+// no error, when the image is to be copied instead: not staged, not a
+// qcow2 the store keeps as it is (adoptable), on another filesystem, or
+// still open for writing somewhere.
+//
+// Once moved, the file is in the store's private directory and no
+// longer at the caller's path; the checks of OpenUntrusted run again on
+// it, so that the bytes kept are the bytes checked whatever happened to
+// the path meanwhile. A crash before the rename leaves the file to the
+// caller's sweep (the mount's staging directory), after it to the
+// store's: it is a temp file of layers/ until the commit.
+func (s *LocalStore) adoptFile(img qcow.Image, size int64) (*newFile, error) {
+	staged, ok := img.(*StagedImage)
+	if !ok || adoptable(staged.Image, size) != nil {
+		return nil, nil
+	}
+	// Read-only: the store never writes a base layer, and a read lease
+	// (noWriters) is only granted on a read-only descriptor.
+	f, err := os.OpenFile(staged.path, os.O_RDONLY|syscall.O_NOFOLLOW, 0)
+	if err != nil {
+		return nil, err
+	}
+	if st, err := f.Stat(); err != nil || !st.Mode().IsRegular() {
+		f.Close()
+		return nil, err
+	}
+	// A read lock keeps the sweep (removeIfUnlocked) away as well as the
+	// write lock of the files the store writes does.
+	if err := tryLock(f, syscall.F_RDLCK, sweepLockOff, 1); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("locking %s: %w", staged.path, err)
+	}
+	pauseAt(PauseImportAdopting)
+	tmp := s.layerPath(tempPrefix + randomHex())
+	if err := os.Rename(staged.path, tmp); err != nil {
+		f.Close()
+		if errors.Is(err, syscall.EXDEV) {
+			return nil, nil
+		}
+		return nil, err
+	}
+	nf := &newFile{f: f, path: tmp, final: s.layerPath(newLayerName()), fresh: true}
+	if noWriters(f) != nil {
+		// The staged image still reads the file through its own
+		// descriptor: copy from it, and drop what was moved.
+		nf.discard()
+		return nil, nil
+	}
+	kept, err := OpenUntrusted(tmp)
+	if err == nil {
+		if err = adoptable(kept, size); err != nil {
+			err = &ImportError{Msg: fmt.Sprintf("import: %s changed while it was imported (%v)", staged.path, err), Err: qcow.ErrCorrupt}
+		}
+		kept.Close()
+	}
+	if err != nil {
+		nf.discard()
+		return nil, err
+	}
+	return nf, nil
 }
 
 // restoredTime is a recorded creation time, or at when none was.

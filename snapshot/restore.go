@@ -45,8 +45,9 @@ type Restorer interface {
 	Backend
 	InstanceProvider
 	// Restore creates what spec describes. The images are untrusted
-	// (opened with OpenUntrusted); the caller closes them afterwards. The
-	// context's progress function (WithProgress) sees the copy.
+	// (opened with OpenUntrusted, or OpenStaged when the caller gives
+	// their files up); the caller closes them afterwards. The context's
+	// progress function (WithProgress) sees the copy.
 	Restore(ctx context.Context, spec RestoreSpec) error
 }
 
@@ -97,6 +98,19 @@ type Restored struct {
 // an instance or a volume, as its meta.json says. name ("" for the
 // default, see Names above) names the new volume or instance.
 func RestoreDir(ctx context.Context, r Restorer, dir, name string) (Restored, error) {
+	return restoreDir(ctx, r, dir, name, false)
+}
+
+// RestoreStaged is RestoreDir for a folder the caller gives up once it is
+// restored: a staged copy, as the mount's import/ writes. Its disk files
+// are opened as StagedImages, so that a store on the same filesystem
+// moves them in instead of copying them (the local store does). The
+// caller removes what is left of dir afterwards, whatever the outcome.
+func RestoreStaged(ctx context.Context, r Restorer, dir, name string) (Restored, error) {
+	return restoreDir(ctx, r, dir, name, true)
+}
+
+func restoreDir(ctx context.Context, r Restorer, dir, name string, staged bool) (Restored, error) {
 	metaPath := filepath.Join(dir, MetaFileName)
 	kind, err := metaKind(metaPath)
 	if errors.Is(err, fs.ErrNotExist) {
@@ -110,13 +124,13 @@ func RestoreDir(ctx context.Context, r Restorer, dir, name string) (Restored, er
 	}
 	switch kind {
 	case KindInstanceSnapshot:
-		return restoreInstance(ctx, r, dir, name)
+		return restoreInstance(ctx, r, dir, name, staged)
 	case KindVolumeSnapshot:
 		disk, err := DiskFile(dir, VolumeDiskName)
 		if err != nil {
 			return Restored{}, err
 		}
-		return restoreVolume(ctx, r, disk, metaPath, name)
+		return restoreVolume(ctx, r, disk, metaPath, name, staged)
 	}
 	return Restored{}, metaError(metaPath, "kind %q; want %q or %q", kind, KindVolumeSnapshot, KindInstanceSnapshot)
 }
@@ -150,7 +164,7 @@ func RestoreName(dir string) string {
 // says) and its meta.json (a VolumeSnapshotMeta). name "" picks one (see
 // Names above).
 func RestoreVolume(ctx context.Context, r Restorer, diskPath, metaPath, name string) (Volume, error) {
-	res, err := restoreVolume(ctx, r, diskPath, metaPath, name)
+	res, err := restoreVolume(ctx, r, diskPath, metaPath, name, false)
 	if err != nil {
 		return Volume{}, err
 	}
@@ -162,7 +176,7 @@ func RestoreVolume(ctx context.Context, r Restorer, diskPath, metaPath, name str
 // new volumes and an instance over them with the same device mapping.
 // name "" picks one (see Names above).
 func RestoreInstance(ctx context.Context, r Restorer, dir, name string) (Instance, error) {
-	res, err := restoreInstance(ctx, r, dir, name)
+	res, err := restoreInstance(ctx, r, dir, name, false)
 	if err != nil {
 		return Instance{}, err
 	}
@@ -235,9 +249,9 @@ func DiskFile(dir, base string) (string, error) {
 	}
 }
 
-// openRestoreDisk opens a disk file of a folder as untrusted input and
-// checks its size against meta.json's.
-func openRestoreDisk(path string, size int64) (qcow.Image, error) {
+// openRestoreDisk opens a disk file of a folder as untrusted input (a
+// StagedImage when staged) and checks its size against meta.json's.
+func openRestoreDisk(path string, size int64, staged bool) (qcow.Image, error) {
 	f, err := openRegular(path)
 	if err != nil {
 		return nil, err
@@ -257,6 +271,9 @@ func openRestoreDisk(path string, size int64) (qcow.Image, error) {
 			Msg: fmt.Sprintf("restore: %s: the disk is %d bytes, meta.json says %d: not the disk of this snapshot", path, img.Size(), size),
 			Err: qcow.ErrLimit,
 		}
+	}
+	if staged {
+		return &StagedImage{Image: img, path: path}, nil
 	}
 	return img, nil
 }
@@ -278,7 +295,7 @@ type regularFile struct {
 
 func (f regularFile) Size() int64 { return f.size }
 
-func restoreVolume(ctx context.Context, r Restorer, diskPath, metaPath, name string) (Restored, error) {
+func restoreVolume(ctx context.Context, r Restorer, diskPath, metaPath, name string, staged bool) (Restored, error) {
 	var meta VolumeSnapshotMeta
 	if err := readMetaFile(metaPath, KindVolumeSnapshot, &meta); err != nil {
 		return Restored{}, err
@@ -290,7 +307,7 @@ func restoreVolume(ctx context.Context, r Restorer, diskPath, metaPath, name str
 	if err != nil {
 		return Restored{}, err
 	}
-	img, err := openRestoreDisk(diskPath, meta.Size)
+	img, err := openRestoreDisk(diskPath, meta.Size, staged)
 	if err != nil {
 		return Restored{}, err
 	}
@@ -311,7 +328,7 @@ func restoreVolume(ctx context.Context, r Restorer, diskPath, metaPath, name str
 	return Restored{Volume: &v, Volumes: []Volume{v}}, nil
 }
 
-func restoreInstance(ctx context.Context, r Restorer, dir, name string) (Restored, error) {
+func restoreInstance(ctx context.Context, r Restorer, dir, name string, staged bool) (Restored, error) {
 	metaPath := filepath.Join(dir, MetaFileName)
 	var meta InstanceSnapshotMeta
 	if err := readMetaFile(metaPath, KindInstanceSnapshot, &meta); err != nil {
@@ -347,7 +364,7 @@ func restoreInstance(ctx context.Context, r Restorer, dir, name string) (Restore
 		if err != nil {
 			return Restored{}, err
 		}
-		img, err := openRestoreDisk(path, d.Size)
+		img, err := openRestoreDisk(path, d.Size, staged)
 		if err != nil {
 			return Restored{}, err
 		}
