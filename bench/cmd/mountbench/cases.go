@@ -103,7 +103,7 @@ func (b *bench) measureSides(sides []side, bytes int64, prepare func() error) ([
 				return nil, err
 			}
 			if s.mount {
-				if err := measure.ResetPeakRSS(b.mount.pid()); err != nil {
+				if err := measure.ResetPeakRSS(b.mount.PID()); err != nil {
 					return nil, err
 				}
 			}
@@ -119,7 +119,7 @@ func (b *bench) measureSides(sides []side, bytes int64, prepare func() error) ([
 				r.Time += time.Since(start)
 			}
 			if s.mount {
-				if r.PeakRSSKB, err = measure.PeakRSS(b.mount.pid()); err != nil {
+				if r.PeakRSSKB, err = measure.PeakRSS(b.mount.PID()); err != nil {
 					return nil, err
 				}
 			}

@@ -46,6 +46,7 @@ import (
 	"strings"
 	"syscall"
 
+	"snapfs/bench/internal/fuseproc"
 	"snapfs/bench/internal/measure"
 )
 
@@ -190,7 +191,7 @@ func run(ctx context.Context, cfg *config, w io.Writer) (err error) {
 		defer func() {
 			// Never through a mount that would not go away: that would
 			// delete volumes and snapshots one by one.
-			if mounted(b.mnt) {
+			if fuseproc.Mounted(b.mnt) {
 				return
 			}
 			if rmErr := os.RemoveAll(cfg.work); err == nil {
@@ -204,12 +205,13 @@ func run(ctx context.Context, cfg *config, w io.Writer) (err error) {
 	if err := b.prepare(); err != nil {
 		return err
 	}
-	m, err := startMount(ctx, snapfs, b.store, b.mnt, filepath.Join(cfg.work, "mount.log"))
+	m, err := fuseproc.Start(ctx, exec.Command(snapfs, "mount", "--store", b.store, b.mnt), b.mnt,
+		filepath.Join(b.mnt, "volumes"), filepath.Join(cfg.work, "mount.log"))
 	if err != nil {
 		return err
 	}
 	defer func() {
-		if stopErr := m.stop(); err == nil {
+		if stopErr := m.Stop(); err == nil {
 			err = stopErr
 		}
 	}()

@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"snapfs/bench/internal/fuseproc"
 )
 
 // snapfsBin is the snapfs binary the tests run, built once by TestMain.
@@ -51,19 +53,6 @@ func TestParseFlags(t *testing.T) {
 	} {
 		if _, err := parseFlags(bad); err == nil {
 			t.Errorf("parseFlags(%q) accepted", bad)
-		}
-	}
-}
-
-func TestUnescapeMountinfo(t *testing.T) {
-	for in, want := range map[string]string{
-		"/mnt/plain":          "/mnt/plain",
-		`/mnt/with\040space`:  "/mnt/with space",
-		`/mnt/tab\011and\134`: "/mnt/tab\tand\\",
-		`/mnt/short\04`:       `/mnt/short\04`,
-	} {
-		if got := unescapeMountinfo(in); got != want {
-			t.Errorf("unescapeMountinfo(%q) = %q, want %q", in, got, want)
 		}
 	}
 }
@@ -117,7 +106,7 @@ func TestSmallRun(t *testing.T) {
 	if n := strings.Count(summary, ": met") + strings.Count(summary, ": MISSED"); n != 5 {
 		t.Errorf("%d verdicts in the summary, want 5:\n%s", n, summary)
 	}
-	if mounted(filepath.Join(abs, "mnt")) {
+	if fuseproc.Mounted(filepath.Join(abs, "mnt")) {
 		t.Error("the mount is still there")
 	}
 	if _, err := os.Stat(work); !errors.Is(err, os.ErrNotExist) {
@@ -137,7 +126,7 @@ func TestInterruptUnmounts(t *testing.T) {
 	defer cancel()
 	wasMounted := false
 	cfg.onMounted = func() {
-		wasMounted = mounted(filepath.Join(work, "mnt"))
+		wasMounted = fuseproc.Mounted(filepath.Join(work, "mnt"))
 		cancel()
 	}
 	var out bytes.Buffer
@@ -148,7 +137,7 @@ func TestInterruptUnmounts(t *testing.T) {
 	if !wasMounted {
 		t.Error("onMounted ran without a mount")
 	}
-	if mounted(filepath.Join(work, "mnt")) {
+	if fuseproc.Mounted(filepath.Join(work, "mnt")) {
 		t.Error("the mount is still there after the interrupt")
 	}
 }

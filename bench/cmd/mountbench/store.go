@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"snapfs/bench/internal/fuseproc"
 	"snapfs/bench/internal/images"
 	"snapfs/bench/internal/measure"
 )
@@ -39,7 +40,7 @@ type bench struct {
 	store  string // the store directory
 	mnt    string // the mount point
 	cold   bool   // the page cache may be dropped
-	mount  *mountProc
+	mount  *fuseproc.Proc
 
 	chain         *snapChain // case 1
 	shallow, deep *snapChain // case 2

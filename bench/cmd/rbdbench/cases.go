@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"time"
 
+	"snapfs/bench/internal/fuseproc"
 	"snapfs/bench/internal/measure"
 )
 
@@ -18,7 +19,7 @@ type side struct {
 	// read makes the command of one run and returns the FUSE server whose
 	// peak RSS to report (nil: the command's own) and the function that
 	// ends the run, untimed (an unmount).
-	read func() (cmd *exec.Cmd, server *fuseProc, done func() error, err error)
+	read func() (cmd *exec.Cmd, server *fuseproc.Proc, done func() error, err error)
 }
 
 // sample is the median of the runs of one side.
@@ -47,12 +48,12 @@ func (b *bench) measureSides(size int64, sides []side) ([]sample, error) {
 				return nil, err
 			}
 			if server != nil {
-				measure.ResetPeakRSS(server.pid())
+				measure.ResetPeakRSS(server.PID())
 			}
 			cmd.Stdout = nil // /dev/null
 			r, err := measure.Run(cmd)
 			if server != nil && err == nil {
-				r.PeakRSSKB, err = measure.PeakRSS(server.pid())
+				r.PeakRSSKB, err = measure.PeakRSS(server.PID())
 			}
 			if doneErr := done(); err == nil {
 				err = doneErr
@@ -72,7 +73,7 @@ func (b *bench) measureSides(size int64, sides []side) ([]sample, error) {
 }
 
 // mountSnapfs mounts the pool with snapfs, its root showing the pool.
-func (b *bench) mountSnapfs(ready string) (*fuseProc, error) {
+func (b *bench) mountSnapfs(ready string) (*fuseproc.Proc, error) {
 	dir := filepath.Join(b.cfg.work, "mnt")
 	staging := filepath.Join(b.cfg.work, "staging")
 	if err := os.MkdirAll(staging, 0o755); err != nil {
@@ -80,17 +81,17 @@ func (b *bench) mountSnapfs(ready string) (*fuseProc, error) {
 	}
 	cmd := exec.Command(b.snapfs, "mount", "--ceph-conf", b.c.conf, "--pool", "rbd", dir)
 	cmd.Env = append(os.Environ(), "TMPDIR="+staging)
-	return startFuse(cmd, dir, filepath.Join(dir, ready))
+	return fuseproc.Start(b.ctx, cmd, dir, filepath.Join(dir, ready), filepath.Join(b.cfg.work, "snapfs.log"))
 }
 
 // catSnapfs is the side that reads path (below the mount) with cat.
 func (b *bench) catSnapfs(name, path string) side {
-	return side{name: name, read: func() (*exec.Cmd, *fuseProc, func() error, error) {
+	return side{name: name, read: func() (*exec.Cmd, *fuseproc.Proc, func() error, error) {
 		m, err := b.mountSnapfs(path)
 		if err != nil {
 			return nil, nil, nil, err
 		}
-		return exec.CommandContext(b.ctx, "cat", filepath.Join(m.dir, path)), m, m.stop, nil
+		return exec.CommandContext(b.ctx, "cat", filepath.Join(m.Dir(), path)), m, m.Stop, nil
 	}}
 }
 
@@ -114,16 +115,16 @@ func (b *bench) throughput() error {
 	fuseDir := filepath.Join(b.cfg.work, "rbd-fuse")
 	sides := []side{
 		b.catSnapfs("cat "+raw+" (snapfs mount)", raw),
-		{name: "rbd export big@s - >/dev/null", read: func() (*exec.Cmd, *fuseProc, func() error, error) {
+		{name: "rbd export big@s - >/dev/null", read: func() (*exec.Cmd, *fuseproc.Proc, func() error, error) {
 			return b.c.command("rbd", "export", "--no-progress", "rbd/big@s", "-"), nil, func() error { return nil }, nil
 		}},
-		{name: "cat big (rbd-fuse mount)", read: func() (*exec.Cmd, *fuseProc, func() error, error) {
+		{name: "cat big (rbd-fuse mount)", read: func() (*exec.Cmd, *fuseproc.Proc, func() error, error) {
 			// rbd-fuse shows heads only: big's head is big@s.
-			m, err := startFuse(exec.Command("rbd-fuse", "-c", b.c.conf, "-p", "rbd", fuseDir, "-f"), fuseDir, filepath.Join(fuseDir, "big"))
+			m, err := fuseproc.Start(b.ctx, exec.Command("rbd-fuse", "-c", b.c.conf, "-p", "rbd", fuseDir, "-f"), fuseDir, filepath.Join(fuseDir, "big"), filepath.Join(b.cfg.work, "rbd-fuse.log"))
 			if err != nil {
 				return nil, nil, nil, err
 			}
-			return exec.CommandContext(b.ctx, "cat", filepath.Join(fuseDir, "big")), m, m.stop, nil
+			return exec.CommandContext(b.ctx, "cat", filepath.Join(fuseDir, "big")), m, m.Stop, nil
 		}},
 	}
 	s, err := b.measureSides(size, sides)
@@ -146,8 +147,8 @@ func (b *bench) verify(path string, want []byte, spec string) error {
 	if err != nil {
 		return err
 	}
-	got, err := fileHash(filepath.Join(m.dir, path))
-	if stopErr := m.stop(); err == nil {
+	got, err := fileHash(filepath.Join(m.Dir(), path))
+	if stopErr := m.Stop(); err == nil {
 		err = stopErr
 	}
 	if err != nil {
@@ -245,7 +246,7 @@ func (b *bench) mkdirLatency() error {
 	if err != nil {
 		return err
 	}
-	snaps := filepath.Join(m.dir, "volumes/big/snapshots")
+	snaps := filepath.Join(m.Dir(), "volumes/big/snapshots")
 	var mk, rm []time.Duration
 	for i := range b.cfg.mkdirs {
 		p := filepath.Join(snaps, "lat"+strconv.Itoa(i))
@@ -262,7 +263,7 @@ func (b *bench) mkdirLatency() error {
 		}
 		rm = append(rm, time.Since(start))
 	}
-	if stopErr := m.stop(); err == nil {
+	if stopErr := m.Stop(); err == nil {
 		err = stopErr
 	}
 	if err != nil {
