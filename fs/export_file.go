@@ -34,6 +34,9 @@ type exportFile struct {
 	ref     snapshot.SnapshotRef
 	kind    exportKind
 	created time.Time
+	// disk is set for a disk of an instance snapshot, read through the
+	// instance provider when it has its own reader (instance_disk.go).
+	disk *instanceDisk
 
 	mu       sync.Mutex // protects the fields below; held while they are computed
 	statDone bool
@@ -66,7 +69,7 @@ func (f *filesystem) newExportFile(name string, id identity, ref snapshot.Snapsh
 // open opens the export: the snapshot's flattened image, and for qcow2 the
 // virtual qcow2 file over it. r reads the file; img must be closed.
 func (e *exportFile) open(ctx context.Context) (img qcow.Image, r io.ReaderAt, size int64, err error) {
-	img, err = e.fsys.backend.OpenSnapshot(ctx, e.ref.Volume, e.ref.Snapshot)
+	img, err = e.openImage(ctx)
 	if err != nil {
 		return nil, nil, 0, err
 	}
@@ -130,7 +133,7 @@ func (e *exportFile) Open(ctx context.Context, flags uint32) (fusefs.FileHandle,
 	if flags&syscall.O_ACCMODE != syscall.O_RDONLY {
 		return nil, 0, syscall.EROFS
 	}
-	release, err := e.fsys.manager.Hold(ctx, e.ref.Volume, e.ref.Snapshot)
+	release, err := e.hold(ctx)
 	if err != nil {
 		return nil, 0, e.fsys.errno("open "+e.name, err)
 	}

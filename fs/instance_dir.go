@@ -93,7 +93,7 @@ func (c disksContents) link(device string) *symlink {
 		}
 		for _, d := range in.Disks {
 			if d.Device == device {
-				return "../../../volumes/" + d.Volume, nil
+				return diskLink(d.Volume), nil
 			}
 		}
 		return "", notFound(device)
@@ -199,14 +199,18 @@ type instanceSnapshotContents struct {
 func (c instanceSnapshotContents) entries() []treeNode {
 	f, s := c.fsys, c.snap
 	out := []treeNode{f.newJSONFile("meta.json", c.id.child("meta.json"), func(ctx context.Context) (any, time.Time, error) {
-		m, err := snapshot.InstanceSnapshotMetaFor(ctx, f.backend, f.instances, s.Instance, s.Name)
+		// The exchange format (a restore reads it), and what the provider
+		// keeps besides (libvirt: the domain XML, the frozen window).
+		m, err := f.manager.InstanceSnapshotInfo(ctx, s.Instance, s.Name)
 		return m, m.Created, err
 	})}
 	for _, d := range s.Disks {
 		ref := snapshot.SnapshotRef{Volume: d.Volume, Snapshot: d.Snapshot}
-		out = append(out,
-			f.newExportFile(d.Device+".raw", c.id.child(d.Device+".raw"), ref, s.Created, exportRaw),
-			f.newExportFile(d.Device+".qcow2", c.id.child(d.Device+".qcow2"), ref, s.Created, exportQcow2))
+		disk := &instanceDisk{instance: s.Instance, snapshot: s.Name, device: d.Device}
+		raw := f.newExportFile(d.Device+".raw", c.id.child(d.Device+".raw"), ref, s.Created, exportRaw)
+		qcow2 := f.newExportFile(d.Device+".qcow2", c.id.child(d.Device+".qcow2"), ref, s.Created, exportQcow2)
+		raw.disk, qcow2.disk = disk, disk
+		out = append(out, raw, qcow2)
 	}
 	return out
 }

@@ -59,7 +59,15 @@ func NewManager(b Backend, p InstanceProvider) *Manager {
 // later calls do nothing). ErrNotFound if it does not exist, ErrBusy while
 // it is being deleted.
 func (m *Manager) Hold(ctx context.Context, volume, snapshot string) (release func(), err error) {
-	ref := SnapshotRef{Volume: volume, Snapshot: snapshot}
+	return m.hold(SnapshotRef{Volume: volume, Snapshot: snapshot}, func() error {
+		_, err := m.Backend.Snapshot(ctx, volume, snapshot)
+		return err
+	})
+}
+
+// hold holds ref, after which exists says whether it still exists.
+func (m *Manager) hold(ref SnapshotRef, exists func() error) (release func(), err error) {
+	volume, snapshot := ref.Volume, ref.Snapshot
 	m.mu.Lock()
 	if m.deleting[ref] {
 		m.mu.Unlock()
@@ -79,7 +87,7 @@ func (m *Manager) Hold(ctx context.Context, volume, snapshot string) (release fu
 	}
 	// Counted first, checked second: a delete that starts now sees the
 	// hold, one that finished before makes this lookup fail.
-	if _, err := m.Backend.Snapshot(ctx, volume, snapshot); err != nil {
+	if err := exists(); err != nil {
 		release()
 		return nil, err
 	}
@@ -150,7 +158,8 @@ func (m *Manager) DeleteInstanceSnapshot(ctx context.Context, instance, name str
 // the frozen window is bounded by FreezeTimeout. The consistency recorded
 // is quiesced when the freeze worked; otherwise (a stopped instance, or a
 // guest without an agent and RequireQuiesce unset) the provider records
-// what it achieved on its own.
+// what it achieved on its own. A provider that is a
+// [ConsistentSnapshotter] does all of it itself, with its own options.
 //
 // When the snapshot was taken but the thaw failed, both the snapshot and
 // an error are returned: the guest may still be frozen.
@@ -160,6 +169,14 @@ func (m *Manager) SnapshotInstance(ctx context.Context, instance, name string, m
 	}
 	if err := CheckSnapshotName(name); err != nil {
 		return InstanceSnapshot{}, err
+	}
+	// A provider that quiesces on its own does it all: freezing here
+	// too would freeze the guest twice.
+	if c, ok := m.Instances.(ConsistentSnapshotter); ok {
+		snap, err := c.SnapshotInstance(ctx, instance, name, meta)
+		if !errors.Is(err, errNotOwn) {
+			return snap, err
+		}
 	}
 	inst, err := m.Instances.Instance(ctx, instance)
 	if err != nil {

@@ -71,6 +71,18 @@
 //     one), so a disk is never changed under the running qemu; on a shut-off
 //     domain it is qemu-img commit.
 //
+// # In the mount
+//
+// `snapfs mount --libvirt URI` (cmd/snapfs/libvirt.go) shows the domains
+// under instances/, next to the local store's instances
+// ([snapshot.MergeInstances]: a store instance hides a domain of the same
+// name). The Provider implements the optional interfaces of
+// snapshot/instance_ext.go: mkdir instances/DOM/snapshots/S is
+// [Provider.SnapshotInstance] (Manager does not freeze the guest a second
+// time), vdX.raw and vdX.qcow2 read [Provider.OpenDiskSnapshot], meta.json
+// carries the Record under "provider" ([Provider.DescribeInstanceSnapshot]),
+// and `snapfs instance revert DOM S` is [Provider.Revert].
+//
 // # Records
 //
 // What libvirt does not keep is kept by the provider in Config.StateDir, one

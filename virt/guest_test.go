@@ -20,6 +20,7 @@ import (
 	"libvirt.org/go/libvirt"
 
 	"snapfs/qcow"
+	"snapfs/virt/virttest"
 )
 
 // guest is a tiny test VM (scripts/libvirt/build-guest.sh): no root disk,
@@ -49,7 +50,7 @@ func newGuest(t testing.TB, ndisks int, cmdline ...string) *guest {
 	g := &guest{t: t, dir: t.TempDir(), disks: map[string]string{}, conn: conn}
 	g.name = fmt.Sprintf("snapfs-%s-%d", strings.NewReplacer("/", "-", "_", "-").Replace(t.Name()), time.Now().UnixNano()%100000)
 	g.console = filepath.Join(g.dir, "console.log")
-	var disksXML strings.Builder
+	var disks []virttest.Disk
 	for i := range ndisks {
 		dev := fmt.Sprintf("vd%c", 'b'+i)
 		raw := filepath.Join(g.dir, dev+".raw")
@@ -59,40 +60,9 @@ func newGuest(t testing.TB, ndisks int, cmdline ...string) *guest {
 		run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, img)
 		os.Remove(raw)
 		g.disks[dev] = img
-		fmt.Fprintf(&disksXML, `
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='%s'/>
-      <target dev='%s' bus='virtio'/>
-    </disk>`, img, dev)
+		disks = append(disks, virttest.Disk{Device: dev, File: img})
 	}
-	doc := fmt.Sprintf(`<domain type='qemu'>
-  <name>%s</name>
-  <memory unit='MiB'>128</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>%s</kernel>
-    <initrd>%s</initrd>
-    <cmdline>console=ttyS0 quiet%s</cmdline>
-  </os>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>destroy</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>%s
-    <serial type='file'>
-      <source path='%s' append='on'/>
-      <target port='0'/>
-    </serial>
-    <channel type='unix'>
-      <target type='virtio' name='org.qemu.guest_agent.0'/>
-    </channel>
-    <video><model type='none'/></video>
-    <memballoon model='none'/>
-  </devices>
-</domain>`, g.name, filepath.Join(guestDir, "vmlinuz"), filepath.Join(guestDir, "initrd.img"),
-		strings.Join(append([]string{""}, cmdline...), " "), disksXML.String(), g.console)
+	doc := virttest.DomainXML(g.name, guestDir, g.console, disks, cmdline...)
 	g.dom, err = conn.DomainDefineXML(doc)
 	if err != nil {
 		t.Fatal(err)

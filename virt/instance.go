@@ -5,6 +5,7 @@ package virt
 import (
 	"context"
 	"fmt"
+	"maps"
 	"strings"
 
 	"snapfs/qcow"
@@ -19,7 +20,7 @@ import (
 func (r Record) InstanceSnapshot(instance string) snapshot.InstanceSnapshot {
 	s := snapshot.InstanceSnapshot{
 		Instance: instance, Name: r.Name, Created: r.Created, Consistency: r.Consistency,
-		Frozen: r.Frozen, Metadata: copyMap(r.Metadata), Disks: []snapshot.SnapshotDisk{},
+		Frozen: r.Frozen, Metadata: maps.Clone(r.Metadata), Disks: []snapshot.SnapshotDisk{},
 	}
 	for _, d := range r.Disks {
 		vol := d.Layer
@@ -149,6 +150,23 @@ func (p *Provider) SnapshotInstance(ctx context.Context, instance, name string, 
 	return r.InstanceSnapshot(instance), err
 }
 
+// DescribeInstanceSnapshot implements [snapshot.InstanceSnapshotDescriber]:
+// the record of the snapshot (domain XML, device mapping, layers, where the
+// frozen window went, why it is not quiesced), which the mount shows in
+// meta.json.
+func (p *Provider) DescribeInstanceSnapshot(ctx context.Context, instance, name string) (any, error) {
+	r, err := p.Record(ctx, instance, name)
+	if err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+// RevertInstance implements [snapshot.InstanceReverter]: [Provider.Revert].
+func (p *Provider) RevertInstance(ctx context.Context, instance, name string) error {
+	return p.Revert(ctx, instance, name)
+}
+
 // OpenDiskSnapshot opens disk device of snapshot name of a domain as the
 // flattened, immutable image of the disk at the snapshot: the qcow2 chain
 // whose top is the disk's layer (file disks), or the RBD snapshot through
@@ -179,3 +197,12 @@ func (p *Provider) OpenDiskSnapshot(ctx context.Context, instance, name, device 
 	}
 	return nil, fmt.Errorf("%w: disk %s of kind %s", snapshot.ErrUnsupported, device, d.Kind)
 }
+
+// The optional interfaces the mount and Manager use.
+var (
+	_ snapshot.InstanceProvider          = (*Provider)(nil)
+	_ snapshot.ConsistentSnapshotter     = (*Provider)(nil)
+	_ snapshot.InstanceDiskOpener        = (*Provider)(nil)
+	_ snapshot.InstanceReverter          = (*Provider)(nil)
+	_ snapshot.InstanceSnapshotDescriber = (*Provider)(nil)
+)

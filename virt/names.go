@@ -41,14 +41,3 @@ func randomHex() string {
 	rand.Read(b[:])
 	return hex.EncodeToString(b[:])
 }
-
-func copyMap(m map[string]string) map[string]string {
-	if len(m) == 0 {
-		return nil
-	}
-	out := make(map[string]string, len(m))
-	for k, v := range m {
-		out[k] = v
-	}
-	return out
-}

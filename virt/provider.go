@@ -293,8 +293,11 @@ func (info *domainInfo) instance() snapshot.Instance {
 	running := info.state == libvirt.DOMAIN_RUNNING || info.state == libvirt.DOMAIN_BLOCKED
 	in := snapshot.Instance{Name: info.name, Running: running, Disks: []snapshot.Disk{}}
 	for _, d := range info.disks {
+		// A store volume by its name; anything else by its source (an
+		// absolute path, rbd:POOL/IMAGE), which the mount links to
+		// (fs/instance_disk.go).
 		vol := d.Volume
-		if vol == "" {
+		if vol == "" || d.Kind == RBDDisk {
 			vol = d.Source
 		}
 		in.Disks = append(in.Disks, snapshot.Disk{Device: d.Device, Volume: vol})

@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -109,7 +110,7 @@ func (p *Provider) snapshot(ctx context.Context, domain, name string, opts Snaps
 	}
 	rec := Record{
 		Name: name, Created: time.Now().UTC(), State: stateName(info.state),
-		DomainXML: info.xml, Metadata: copyMap(opts.Metadata),
+		DomainXML: info.xml, Metadata: maps.Clone(opts.Metadata),
 		Consistency: snapshot.CrashConsistent,
 	}
 	if opts.Memory {

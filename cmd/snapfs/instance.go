@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"log"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -196,11 +197,50 @@ appears, or (on any error or Ctrl-C) nothing.`,
 	},
 }
 
+// instanceRevertLibvirt are the libvirt flags of `snapfs instance revert`.
+var instanceRevertLibvirt libvirtFlags
+
+var instanceRevertCmd = &cobra.Command{
+	Use:   "revert [--store DIR] [--libvirt URI] INSTANCE SNAP",
+	Short: "Revert a libvirt domain to one of its snapshots",
+	Long: `revert makes a shut-off libvirt domain's disks read as snapshot SNAP again: each
+file disk gets a new, empty overlay over the snapshot's layer (the snapshot
+stays, and can be reverted to again), RBD disks are reverted in their pool. A
+memory snapshot (a name ending in +mem) also restores the domain, running,
+where it was. A running domain is refused: shut it off first (virsh destroy).
+
+The snapshot records are the mount's, in STORE/libvirt: give the same --store
+and --libvirt as the mount. The local store's instances are not reverted as a
+whole: revert their volumes (snapfs volume revert).`,
+	Args:                  exactArgs(2),
+	DisableFlagsInUseLine: true,
+	RunE: func(cmd *cobra.Command, args []string) error {
+		return withStore(cmd, func(ctx context.Context, s *snapshot.LocalStore) error {
+			// Reverting is libvirt's alone: an unreachable default is
+			// an error here.
+			instanceRevertLibvirt.explicit = true
+			instances, closeLibvirt, _, err := withLibvirt(&instanceRevertLibvirt, s, libvirtOptions{
+				stateDir: libvirtStateDir(s), store: s, logf: log.New(cmd.ErrOrStderr(), "", 0).Printf,
+			})
+			if err != nil {
+				return err
+			}
+			defer closeLibvirt()
+			if err := snapshot.NewManager(s, instances).RevertInstance(ctx, args[0], args[1]); err != nil {
+				return err
+			}
+			_, err = fmt.Fprintf(cmd.OutOrStdout(), "instance %s reverted to snapshot %s\n", args[0], args[1])
+			return err
+		})
+	},
+}
+
 func init() {
 	addStoreFlags(instanceCmd)
+	addLibvirtURIFlag(instanceRevertCmd.Flags(), &instanceRevertLibvirt)
 	instanceCreateCmd.Flags().StringArrayVar(&instanceDisks, "disk", nil, "a disk as DEVICE=VOLUME, like vda=root (repeatable)")
 	instanceSnapshotCmd.Flags().StringArrayVar(&instanceSnapshotMeta, "meta", nil, "user metadata to keep with the snapshot (repeatable)")
-	instanceCmd.AddCommand(instanceCreateCmd, instanceListCmd, instanceDeleteCmd, instanceSnapshotCmd, instanceDeleteSnapshotCmd, instanceRestoreCmd)
+	instanceCmd.AddCommand(instanceCreateCmd, instanceListCmd, instanceDeleteCmd, instanceSnapshotCmd, instanceDeleteSnapshotCmd, instanceRestoreCmd, instanceRevertCmd)
 	rootCmd.AddCommand(instanceCmd)
 }
 

@@ -28,12 +28,13 @@ var mountFlags struct {
 	uid, gid   uint32
 	umask      string
 	ceph       cephFlags
+	libvirt    libvirtFlags
 }
 
 // mountCmd is `snapfs mount`: the store as a filesystem, in the
 // foreground.
 var mountCmd = &cobra.Command{
-	Use:   "mount [--store DIR] [--ceph-conf FILE [--ceph-id ID] --pool POOL[,POOL]] [--read-only] [--allow-other] [--debug] [--uid N --gid N --umask M] MOUNTPOINT",
+	Use:   "mount [--store DIR] [--ceph-conf FILE [--ceph-id ID] --pool POOL[,POOL]] [--libvirt URI] [--require-quiesce] [--read-only] [--allow-other] [--debug] [--uid N --gid N --umask M] MOUNTPOINT",
 	Short: "Show the store's volumes, snapshots and instances as files",
 	Long: `mount shows the store as a filesystem on MOUNTPOINT, in the foreground, until
 it is unmounted: Ctrl-C (SIGINT) or SIGTERM here, or fusermount3 -u MOUNTPOINT
@@ -51,6 +52,12 @@ pools/POOL/import/. The root's volumes/ and import/ are the local store when
 --store is given, else the first pool (imports are then staged in $TMPDIR,
 else /var/tmp). Clones show their parent, in any pool, as the symlink
 volumes/VOL/parent.
+
+instances/ also shows the domains of libvirt (--libvirt URI, default
+qemu:///system when it is reachable; "none" turns it off): mkdir
+instances/DOM/snapshots/SNAP takes a quiesced snapshot of every disk of a
+running domain (crash-consistent without a guest agent, refused then with
+--require-quiesce); a name ending in +mem keeps the memory state too.
 
 Only the user who mounts can reach the mount, unless --allow-other; the kernel
 then checks the modes, which --uid, --gid and --umask set (files are never
@@ -70,6 +77,7 @@ func init() {
 	f.Uint32Var(&mountFlags.gid, "gid", uint32(os.Getgid()), "group of every file")
 	f.StringVar(&mountFlags.umask, "umask", "077", "permission bits to clear, in octal (\"other\" is always cleared)")
 	addCephFlags(f, &mountFlags.ceph)
+	addLibvirtFlags(f, &mountFlags.libvirt)
 	rootCmd.AddCommand(mountCmd)
 }
 
@@ -95,6 +103,7 @@ func runMount(cmd *cobra.Command, args []string) error {
 		pools     []fs.Pool
 		shown     []string
 		staging   string
+		local     *snapshot.LocalStore
 	)
 	if !mountFlags.ceph.enabled() || cmd.Flags().Changed("store") {
 		dir := mountFlags.store
@@ -106,7 +115,7 @@ func runMount(cmd *cobra.Command, args []string) error {
 			return err
 		}
 		defer store.Close()
-		backend, instances, shown = store, store, []string{store.Dir()}
+		backend, instances, shown, local = store, store, []string{store.Dir()}, store
 		// In the store, so that a crash's leftovers are found again.
 		staging = filepath.Join(store.Dir(), "staging")
 	}
@@ -128,6 +137,15 @@ func runMount(cmd *cobra.Command, args []string) error {
 	}
 
 	stderr := cmd.ErrOrStderr()
+	mountFlags.libvirt.explicit = cmd.Flags().Changed("libvirt")
+	instances, closeLibvirt, libvirtNote, err := withLibvirt(&mountFlags.libvirt, instances, libvirtOptions{
+		stateDir: libvirtStateDir(local), store: local, pools: pools,
+		logf: log.New(stderr, "", log.LstdFlags).Printf,
+	})
+	if err != nil {
+		return err
+	}
+	defer closeLibvirt()
 	srv, err := fs.Mount(mountpoint, fs.Config{
 		Backend:    backend,
 		Instances:  instances,
@@ -145,6 +163,9 @@ func runMount(cmd *cobra.Command, args []string) error {
 		return err
 	}
 	fmt.Fprintf(stderr, "snapfs: %s mounted on %s; Ctrl-C or fusermount3 -u %s unmounts\n", strings.Join(shown, " and "), srv.Mountpoint(), srv.Mountpoint())
+	if libvirtNote != "" {
+		fmt.Fprintln(stderr, libvirtNote)
+	}
 
 	unmounted := make(chan struct{})
 	go func() {
