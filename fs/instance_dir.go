@@ -68,7 +68,12 @@ func (c instanceContents) entries() []treeNode {
 	disks := f.newDir("disks", disksID, disksContents{fsys: f, id: disksID, instance: c.instance, created: c.created}, false, c.created, immutableTimeout)
 	snapsID := c.id.child("snapshots")
 	snaps := f.newDir("snapshots", snapsID, instanceSnapshotsContents{fsys: f, id: snapsID, instance: c.instance}, true, c.created, immutableTimeout)
-	return []treeNode{info, disks, snaps}
+	// revert: `echo S > instances/I/revert` reverts the instance to
+	// snapshot S (the provider's InstanceReverter; ENOTSUP without one).
+	revert := f.newControlFile("revert", c.id.child("revert"), c.created, func(ctx context.Context, name string) error {
+		return f.manager.RevertInstance(ctx, c.instance, name)
+	})
+	return []treeNode{info, disks, snaps, revert}
 }
 
 func (c instanceContents) list(context.Context) ([]treeNode, error) { return c.entries(), nil }

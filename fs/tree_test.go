@@ -286,7 +286,7 @@ func TestInstances(t *testing.T) {
 	if got := readDir(t, m.path("instances")); !slices.Equal(got, []string{"vm"}) {
 		t.Fatalf("instances: %v", got)
 	}
-	if got := readDir(t, m.path("instances/vm")); !slices.Equal(got, []string{"disks", "info.json", "snapshots"}) {
+	if got := readDir(t, m.path("instances/vm")); !slices.Equal(got, []string{"disks", "info.json", "revert", "snapshots"}) {
 		t.Fatalf("instances/vm: %v", got)
 	}
 	if target, err := os.Readlink(m.path("instances/vm/disks/vdb")); err != nil || target != "../../../volumes/data" {

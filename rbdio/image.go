@@ -116,6 +116,12 @@ func (p *Pool) openChain(volume, snap string) (_ *image, err error) {
 	}
 	im.size = int64(size)
 	cur, curName, limit, release := top, im.name, int64(size), top.Close
+	if snap != "" {
+		if release, err = p.useSnap(top, volume, snap); err != nil {
+			top.Close()
+			return nil, err
+		}
+	}
 	for {
 		st, err := cur.Stat()
 		if err != nil {

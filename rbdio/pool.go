@@ -28,6 +28,10 @@ type Pool struct {
 	mu       sync.Mutex // protects locks, flattens
 	locks    map[string]*volumeLock
 	flattens map[string]*snapshot.Progress // by volume: see Flatten
+
+	useMu  sync.Mutex         // protects users, doomed (snapuse.go)
+	users  map[snapUse]int    // images of this process open at a snapshot
+	doomed map[snapUse]string // snapshots deleted while open: hidden names
 }
 
 // volumeLock serialises the mutations of one volume in this process.

@@ -61,7 +61,12 @@ func (p *Pool) snapshots(img *rbd.Image, volume string) ([]snapshot.Snapshot, er
 			// image's snapshot at one instant, but nothing says more.
 			sm.Consistency = snapshot.None
 		}
+		clones, err := p.clonesOf(img, volume, s)
+		if err != nil {
+			return nil, err
+		}
 		out = append(out, snapshot.Snapshot{
+			Clones:      clones,
 			Volume:      volume,
 			Name:        s.Name,
 			Created:     time.Unix(ts.Sec, ts.Nsec),
@@ -74,6 +79,28 @@ func (p *Pool) snapshots(img *rbd.Image, volume string) ([]snapshot.Snapshot, er
 		prev = s.Name
 	}
 	return out, nil
+}
+
+// clonesOf returns the volumes cloned from snapshot s of img (volume),
+// sorted, as Snapshot.Clones names them (POOL/IMAGE in another pool), or
+// nil. It leaves img at its head.
+func (p *Pool) clonesOf(img *rbd.Image, volume string, s rbd.SnapInfo) ([]string, error) {
+	if err := img.SetSnapByID(s.Id); err != nil {
+		return nil, wrap("snap set "+p.spec(volume)+"@"+s.Name, err)
+	}
+	children, err := img.ListChildrenAttributes()
+	img.SetSnapByID(noSnap)
+	if err != nil {
+		return nil, wrap("children "+p.spec(volume)+"@"+s.Name, err)
+	}
+	var names []string
+	for _, c := range children {
+		if !c.Trash {
+			names = append(names, p.refName(c.PoolName, c.ImageName))
+		}
+	}
+	slices.Sort(names)
+	return names, nil
 }
 
 // Snapshot implements [snapshot.Backend].
@@ -313,6 +340,9 @@ func (p *Pool) DeleteSnapshot(ctx context.Context, volume, name string) error {
 		return wrap("snap info "+p.spec(volume)+"@"+name, err)
 	}
 	if err := p.checkNoClones(img, volume, rbd.SnapInfo{Id: sid, Name: name}); err != nil {
+		return err
+	}
+	if deferred, err := p.deferRemoval(img, volume, name, sid); deferred || err != nil {
 		return err
 	}
 	return p.removeSnap(img, volume, name)

@@ -127,39 +127,6 @@ func TestInstances(t *testing.T) {
 	checkNoStrayFiles(t, s)
 }
 
-func TestHold(t *testing.T) {
-	ctx := context.Background()
-	s := openStore(t)
-	mustVolume(t, s, "v", 1<<20)
-	mustSnapshot(t, s, "v", "a")
-	m := NewManager(s, s)
-	if _, err := m.Hold(ctx, "v", "missing"); !errors.Is(err, ErrNotFound) {
-		t.Errorf("hold of a missing snapshot: %v", err)
-	}
-	r1, err := m.Hold(ctx, "v", "a")
-	if err != nil {
-		t.Fatal(err)
-	}
-	r2, err := m.Hold(ctx, "v", "a")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := m.DeleteSnapshot(ctx, "v", "a"); !errors.Is(err, ErrBusy) {
-		t.Errorf("delete while held twice: %v", err)
-	}
-	r1()
-	if err := m.DeleteSnapshot(ctx, "v", "a"); !errors.Is(err, ErrBusy) {
-		t.Errorf("delete while held once: %v", err)
-	}
-	r2()
-	if err := m.DeleteSnapshot(ctx, "v", "a"); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := m.Hold(ctx, "v", "a"); !errors.Is(err, ErrNotFound) {
-		t.Errorf("hold of a deleted snapshot: %v", err)
-	}
-}
-
 // runningProvider plays a running instance of the local store with a
 // guest agent, as libvirt will: Freeze and thaw are recorded, and can be
 // made to fail or to hang.

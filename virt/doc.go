@@ -81,7 +81,8 @@
 // [Provider.SnapshotInstance] (Manager does not freeze the guest a second
 // time), vdX.raw and vdX.qcow2 read [Provider.OpenDiskSnapshot], meta.json
 // carries the Record under "provider" ([Provider.DescribeInstanceSnapshot]),
-// and `snapfs instance revert DOM S` is [Provider.Revert].
+// and `snapfs instance revert DOM S` and `echo S > instances/DOM/revert`
+// are [Provider.Revert].
 //
 // # Records
 //

@@ -4,11 +4,13 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -87,6 +89,13 @@ func TestMountLibvirtTestDriver(t *testing.T) {
 	// such snapshot; the store's instance cannot be reverted as a whole.
 	mustFailWith(t, []string{"instance", "revert", "--store", store, "--libvirt", "test:///default", "test", "nope"}, "not found")
 	mustFailWith(t, []string{"instance", "revert", "--store", store, "--libvirt", "test:///default", "web", "nope"}, "cannot be reverted")
+	// The same through the mount's control file.
+	if err := os.WriteFile(filepath.Join(mnt, "instances/test/revert"), []byte("nope\n"), 0); !errors.Is(err, syscall.ENOENT) {
+		t.Errorf("echo nope > instances/test/revert: %v, want ENOENT", err)
+	}
+	if err := os.WriteFile(filepath.Join(mnt, "instances/web/revert"), []byte("nope\n"), 0); !errors.Is(err, syscall.ENOTSUP) {
+		t.Errorf("echo nope > instances/web/revert: %v, want ENOTSUP", err)
+	}
 }
 
 // TestMountLibvirt is issue 6 through the real command: a running guest
@@ -241,5 +250,18 @@ func TestMountLibvirt(t *testing.T) {
 		if strings.Contains(xml, "'"+d.File+"'") || strings.Contains(xml, `"`+d.File+`"`) {
 			t.Errorf("after revert the domain still runs off %s:\n%s", d.File, xml)
 		}
+	}
+
+	// Revert again through the mount's gesture: the domain's disks move
+	// to new overlays over s2's layers once more.
+	if err := os.WriteFile(filepath.Join(inst, "revert"), []byte("s2\n"), 0); err != nil {
+		t.Fatalf("echo s2 > revert: %v", err)
+	}
+	xml2, err := dom.GetXMLDesc(libvirt.DOMAIN_XML_INACTIVE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if xml2 == xml {
+		t.Errorf("echo s2 > revert left the domain XML as it was:\n%s", xml2)
 	}
 }
