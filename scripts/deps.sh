@@ -13,9 +13,12 @@ set -euo pipefail
 # pkg-config, libvirt-dev: the libvirt provider (cgo); libvirt-daemon,
 # libvirt-daemon-driver-qemu, libvirt-clients, qemu-system-x86: the private
 # libvirtd of scripts/libvirt/start.sh and its TCG guests; e2fsprogs:
-# mkfs.ext4 and dumpe2fs for the guests' data disks.
+# mkfs.ext4 and dumpe2fs for the guests' data disks; qemu-block-extra:
+# qemu's rbd block driver, for a guest with an RBD disk (only a Recommends
+# of qemu-system-x86).
 packages=(qemu-utils fuse3 gcc rsync librados-dev librbd-dev ceph-mon ceph-osd ceph-mgr ceph-common rbd-fuse
-	pkg-config libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 e2fsprogs)
+	pkg-config libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 e2fsprogs
+	qemu-block-extra)
 
 missing=()
 for p in "${packages[@]}"; do
