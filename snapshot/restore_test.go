@@ -11,7 +11,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync/atomic"
 	"testing"
 
 	"snapfs/internal/qemutest"
@@ -412,10 +411,12 @@ func TestRestoreAtomic(t *testing.T) {
 	before := layerFiles(t, s)
 	cctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	var first atomic.Int64 // the first total seen; progress comes from several goroutines
+	// Cancel once data is being written. Progress comes from several
+	// goroutines, and whether the second disk's total shows before the
+	// first progress report depends on scheduling, so the test does not
+	// wait for it: any point after the copying began must leave nothing.
 	pctx := WithProgress(cctx, func(done, total int64) {
-		// The total grows when the second disk starts: cancel then.
-		if !first.CompareAndSwap(0, total) && total > first.Load() {
+		if done > 0 {
 			cancel()
 		}
 	})
