@@ -40,7 +40,7 @@ func TestTreeSnapshots(t *testing.T) {
 	if got, want := readDir(t, m.path("volumes")), []string{"vol"}; !slices.Equal(got, want) {
 		t.Fatalf("volumes: %v, want %v", got, want)
 	}
-	if got, want := readDir(t, m.path("volumes", "vol")), []string{"head.raw", "info.json", "snapshots"}; !slices.Equal(got, want) {
+	if got, want := readDir(t, m.path("volumes", "vol")), []string{"head.raw", "info.json", "revert", "snapshots"}; !slices.Equal(got, want) {
 		t.Fatalf("volumes/vol: %v, want %v", got, want)
 	}
 	if got := readDir(t, m.path("volumes", "vol", "snapshots")); len(got) != 0 {

@@ -3,6 +3,7 @@ package fs
 import (
 	"context"
 	"os"
+	"syscall"
 	"time"
 
 	"snapfs/snapshot"
@@ -49,7 +50,9 @@ type volumeContents struct {
 	created time.Time
 }
 
-func (c volumeContents) entries() []treeNode {
+// entries are info.json, head.raw, snapshots/, the revert control file and,
+// for a clone, the parent link.
+func (c volumeContents) entries(ctx context.Context) ([]treeNode, error) {
 	f := c.fsys
 	info := f.newJSONFile("info.json", c.id.child("info.json"), func(ctx context.Context) (any, time.Time, error) {
 		return c.info(ctx)
@@ -57,13 +60,69 @@ func (c volumeContents) entries() []treeNode {
 	head := f.newHeadFile(c.id.child("head.raw"), c.volume)
 	snapsID := c.id.child("snapshots")
 	snaps := f.newDir("snapshots", snapsID, snapshotsContents{fsys: f, id: snapsID, volume: c.volume}, true, c.created, immutableTimeout)
-	return []treeNode{info, head, snaps}
+	// revert: `echo S > volumes/V/revert` makes the head equal to
+	// snapshot S again; S and every other snapshot stay.
+	revert := f.newControlFile("revert", c.id.child("revert"), c.created, func(ctx context.Context, name string) error {
+		return f.manager.Revert(ctx, c.volume, name)
+	})
+	out := []treeNode{info, head, snaps, revert}
+	v, err := f.backend.Volume(ctx, c.volume)
+	if err != nil {
+		return nil, err
+	}
+	if v.Parent != nil {
+		out = append(out, c.parentLink())
+	}
+	return out, nil
 }
 
-func (c volumeContents) list(context.Context) ([]treeNode, error) { return c.entries(), nil }
+// parentLink is volumes/VOL/parent for a clone: a relative link to the
+// snapshot it was cloned from, in whichever tree of the mount that is
+// (links.go). Removing it flattens the clone.
+func (c volumeContents) parentLink() treeNode {
+	return c.fsys.newSymlink(parentLinkName, c.id.child(parentLinkName), c.created, func(ctx context.Context) (string, error) {
+		v, err := c.fsys.backend.Volume(ctx, c.volume)
+		if err == nil && v.Parent == nil {
+			err = notFound(parentLinkName)
+		}
+		if err != nil {
+			return "", err
+		}
+		return c.fsys.snapshotLink(1, *v.Parent), nil
+	})
+}
+
+// parentLinkName is the name of a clone's link to its parent snapshot.
+const parentLinkName = "parent"
+
+func (c volumeContents) list(ctx context.Context) ([]treeNode, error) { return c.entries(ctx) }
 
 func (c volumeContents) find(ctx context.Context, name string) (treeNode, error) {
-	return staticContents(c.entries()).find(ctx, name)
+	entries, err := c.entries(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return staticContents(entries).find(ctx, name)
+}
+
+// unlink of parent flattens the clone (`rm volumes/NEW/parent`): it copies
+// in what the clone still reads from its parent, then cuts the link, and
+// returns when that is done. Nothing else in a volume directory can be
+// removed.
+func (c volumeContents) unlink(ctx context.Context, name string) error {
+	if name != parentLinkName {
+		return syscall.EPERM
+	}
+	v, err := c.fsys.backend.Volume(ctx, c.volume)
+	if err != nil {
+		return err
+	}
+	if v.Parent == nil {
+		return notFound(name)
+	}
+	// The flatten outlives an interrupted rm (it is safe to interrupt,
+	// but a finished one is worth more): it ends with the mount.
+	return c.fsys.manager.Flatten(c.fsys.ctx, c.volume)
 }
 
 // volumeInfo is volumes/VOL/info.json: the volume as the model describes it

@@ -1,0 +1,157 @@
+package fs
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"syscall"
+	"testing"
+
+	"snapfs/internal/qemutest"
+	"snapfs/snapshot"
+)
+
+// TestCloneParentFlatten: a clone shows its parent snapshot as a relative
+// link that resolves inside the mount; rm of the link flattens the clone,
+// which then reads the same and has no parent.
+func TestCloneParentFlatten(t *testing.T) {
+	ctx := context.Background()
+	store := newStore(t)
+	newVolume(t, store, "base", 16<<20, "write -P 0x11 0 4M", "write -P 0x12 8M 1M")
+	if _, err := store.CreateSnapshots(ctx, []string{"base"}, "s1", snapshot.SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := store.Clone(ctx, "base", "s1", "kid"); err != nil {
+		t.Fatal(err)
+	}
+	writeHead(t, store, "kid", "write -P 0x33 1M 1M")
+	m := testMount(t, store)
+
+	if got, want := readDir(t, m.path("volumes", "kid")), []string{"head.raw", "info.json", "parent", "revert", "snapshots"}; !slices.Equal(got, want) {
+		t.Fatalf("volumes/kid: %v, want %v", got, want)
+	}
+	if got := readDir(t, m.path("volumes", "base")); slices.Contains(got, "parent") {
+		t.Fatalf("a volume that is no clone has a parent link: %v", got)
+	}
+	link := m.path("volumes", "kid", "parent")
+	target, err := os.Readlink(link)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "../base/snapshots/s1"; target != want {
+		t.Fatalf("parent -> %q, want %q", target, want)
+	}
+	// The link resolves inside the mount, to the snapshot's folder.
+	parentRaw, err := os.ReadFile(filepath.Join(link, "disk.raw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// base was not written after s1: its head reads as s1.
+	if want := qemutest.ConvertRaw(t, headPath(t, store, "base")); !bytes.Equal(parentRaw, want) {
+		t.Fatal("parent/disk.raw differs from qemu-img convert of base")
+	}
+	before, err := os.ReadFile(m.path("volumes", "kid", "head.raw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := qemutest.ConvertRaw(t, headPath(t, store, "kid")); !bytes.Equal(before, want) {
+		t.Fatal("the clone's head.raw differs from qemu-img convert of its chain")
+	}
+	// A snapshot with clones cannot be deleted.
+	if err := os.Remove(m.path("volumes", "base", "snapshots", "s1")); !errors.Is(err, syscall.EBUSY) {
+		t.Fatalf("rmdir of a snapshot with a clone: %v, want EBUSY", err)
+	}
+	// Nothing else in a volume directory can be removed.
+	if err := os.Remove(m.path("volumes", "kid", "info.json")); !errors.Is(err, syscall.EPERM) {
+		t.Fatalf("rm info.json: %v, want EPERM", err)
+	}
+
+	// rm parent flattens.
+	if out, err := exec.Command("rm", link).CombinedOutput(); err != nil {
+		t.Fatalf("rm parent: %v: %s", err, out)
+	}
+	v, err := store.Volume(ctx, "kid")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.Parent != nil {
+		t.Fatalf("after rm parent the clone still has parent %v", *v.Parent)
+	}
+	if _, err := os.Lstat(link); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("parent link after flatten: %v", err)
+	}
+	after, err := os.ReadFile(m.path("volumes", "kid", "head.raw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(after, before) {
+		t.Fatal("the flattened clone reads differently")
+	}
+	if want := qemutest.ConvertRaw(t, headPath(t, store, "kid")); !bytes.Equal(after, want) {
+		t.Fatal("the flattened clone differs from qemu-img convert of its chain")
+	}
+	// Its parent snapshot is free now.
+	if err := os.Remove(m.path("volumes", "base", "snapshots", "s1")); err != nil {
+		t.Fatalf("rmdir after flatten: %v", err)
+	}
+}
+
+// TestRevertGesture: `echo S > volumes/V/revert` makes the head equal to
+// S again and keeps every snapshot; an unknown snapshot fails the write.
+func TestRevertGesture(t *testing.T) {
+	ctx := context.Background()
+	store := newStore(t)
+	newVolume(t, store, "vol", 8<<20, "write -P 0x11 0 2M")
+	m := testMount(t, store)
+	snaps := m.path("volumes", "vol", "snapshots")
+	if err := os.Mkdir(filepath.Join(snaps, "s1"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	writeHead(t, store, "vol", "write -P 0x22 1M 2M")
+	if err := os.Mkdir(filepath.Join(snaps, "s2"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	s1, err := os.ReadFile(filepath.Join(snaps, "s1", "disk.raw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctl := m.path("volumes", "vol", "revert")
+	if out, err := exec.Command("bash", "-c", `echo s1 > "$1"`, "bash", ctl).CombinedOutput(); err != nil {
+		t.Fatalf("echo s1 > revert: %v: %s", err, out)
+	}
+	head, err := os.ReadFile(m.path("volumes", "vol", "head.raw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(head, s1) {
+		t.Fatal("after the revert the head differs from s1")
+	}
+	if want := qemutest.ConvertRaw(t, headPath(t, store, "vol")); !bytes.Equal(head, want) {
+		t.Fatal("head.raw differs from qemu-img convert of the reverted chain")
+	}
+	list, err := store.ListSnapshots(ctx, "vol")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(list) != 2 {
+		t.Fatalf("snapshots after the revert: %v, want s1 and s2 kept", list)
+	}
+	out, err := exec.Command("bash", "-c", `echo nosuch > "$1"`, "bash", ctl).CombinedOutput()
+	if err == nil || !bytes.Contains(out, []byte("No such file or directory")) {
+		t.Fatalf("echo nosuch > revert: %v: %s, want ENOENT reported", err, out)
+	}
+}
+
+// headPath is the file of a volume's head in the store.
+func headPath(t testing.TB, store *snapshot.LocalStore, volume string) string {
+	t.Helper()
+	v, err := store.Volume(context.Background(), volume)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v.HeadPath
+}
