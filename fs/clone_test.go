@@ -155,3 +155,57 @@ func headPath(t testing.TB, store *snapshot.LocalStore, volume string) string {
 	}
 	return v.HeadPath
 }
+
+// TestSinceRsync: snapshots/S2/since/S1.qcow2 is an overlay of what changed
+// since S1; the snapshots folder copied with rsync -a is a chain that
+// qemu-img flattens to exactly S2, and a second rsync transfers nothing.
+func TestSinceRsync(t *testing.T) {
+	store := newStore(t)
+	newVolume(t, store, "vol", 64<<20, "write -P 0x11 0 16M")
+	m := testMount(t, store)
+	snaps := m.path("volumes", "vol", "snapshots")
+	if err := os.Mkdir(filepath.Join(snaps, "s1"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	writeHead(t, store, "vol", "write -P 0x22 1M 1M", "write -z 8M 64k", "write -P 0x33 40M 128k")
+	if err := os.Mkdir(filepath.Join(snaps, "s2"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := readDir(t, filepath.Join(snaps, "s2", "since")), []string{"s1.qcow2"}; !slices.Equal(got, want) {
+		t.Fatalf("s2/since: %v, want %v", got, want)
+	}
+	if got := readDir(t, filepath.Join(snaps, "s1", "since")); len(got) != 0 {
+		t.Fatalf("since/ of the first snapshot: %v", got)
+	}
+	since := filepath.Join(snaps, "s2", "since", "s1.qcow2")
+	st, err := os.Stat(since)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// 1 MiB + 64 KiB + 128 KiB changed of 16 MiB of data: the overlay
+	// holds the change and metadata, not the volume.
+	if st.Size() > 4<<20 {
+		t.Fatalf("since/s1.qcow2 is %d bytes for about 1.2 MiB changed", st.Size())
+	}
+
+	backup := filepath.Join(t.TempDir(), "backup")
+	rsync := func() []byte {
+		out, err := exec.Command("rsync", "-a", "--stats", snaps+"/", backup+"/").CombinedOutput()
+		if err != nil {
+			t.Fatalf("rsync: %v: %s", err, out)
+		}
+		return out
+	}
+	rsync()
+	qemutest.Check(t, filepath.Join(backup, "s2", "since", "s1.qcow2"))
+	want, err := os.ReadFile(filepath.Join(snaps, "s2", "disk.raw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := qemutest.ConvertRaw(t, filepath.Join(backup, "s2", "since", "s1.qcow2")); !bytes.Equal(got, want) {
+		t.Fatal("the copied incremental chain, flattened by qemu-img, differs from s2")
+	}
+	if out := rsync(); !bytes.Contains(out, []byte("Number of regular files transferred: 0")) {
+		t.Fatalf("a second rsync transferred files:\n%s", out)
+	}
+}

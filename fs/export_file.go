@@ -22,6 +22,7 @@ type exportKind int
 const (
 	exportRaw   exportKind = iota // disk.raw: the flattened image, sparse
 	exportQcow2                   // disk.qcow2: a qcow2 file computed on read
+	exportSince                   // since/FROM.qcow2: a qcow2 overlay of what changed since FROM
 )
 
 // exportFile is disk.raw or disk.qcow2 of a snapshot (or vda.raw, vda.qcow2
@@ -37,6 +38,8 @@ type exportFile struct {
 	// disk is set for a disk of an instance snapshot, read through the
 	// instance provider when it has its own reader (instance_disk.go).
 	disk *instanceDisk
+	// since is the older snapshot an exportSince file is an overlay on.
+	since string
 
 	mu       sync.Mutex // protects the fields below; held while they are computed
 	statDone bool
@@ -69,6 +72,13 @@ func (f *filesystem) newExportFile(name string, id identity, ref snapshot.Snapsh
 // open opens the export: the snapshot's flattened image, and for qcow2 the
 // virtual qcow2 file over it. r reads the file; img must be closed.
 func (e *exportFile) open(ctx context.Context) (img qcow.Image, r io.ReaderAt, size int64, err error) {
+	if e.kind == exportSince {
+		x, err := snapshot.IncrementalExport(ctx, e.fsys.backend, e.ref.Volume, e.since, e.ref.Snapshot)
+		if err != nil {
+			return nil, nil, 0, err
+		}
+		return x.Image(), x.Export, x.Size(), nil
+	}
 	img, err = e.openImage(ctx)
 	if err != nil {
 		return nil, nil, 0, err

@@ -128,6 +128,7 @@ func (c snapshotContents) files() []treeNode {
 		f.newExportFile("disk.raw", c.id.child("disk.raw"), ref, s.Created, exportRaw),
 		f.newExportFile("disk.qcow2", c.id.child("disk.qcow2"), ref, s.Created, exportQcow2),
 		meta,
+		f.newDir("since", c.id.child("since"), sinceContents{fsys: f, id: c.id.child("since"), snap: s}, false, s.Created, shortTimeout),
 	}
 }
 

@@ -58,10 +58,10 @@ func TestTreeSnapshots(t *testing.T) {
 	if got, want := readDir(t, snaps), []string{"latest", "s1", "s2"}; !slices.Equal(got, want) {
 		t.Fatalf("snapshots: %v, want %v", got, want)
 	}
-	if got, want := readDir(t, filepath.Join(snaps, "s2")), []string{"disk.qcow2", "disk.raw", "meta.json", "parent"}; !slices.Equal(got, want) {
+	if got, want := readDir(t, filepath.Join(snaps, "s2")), []string{"disk.qcow2", "disk.raw", "meta.json", "parent", "since"}; !slices.Equal(got, want) {
 		t.Fatalf("snapshots/s2: %v, want %v", got, want)
 	}
-	if got, want := readDir(t, filepath.Join(snaps, "s1")), []string{"disk.qcow2", "disk.raw", "meta.json"}; !slices.Equal(got, want) {
+	if got, want := readDir(t, filepath.Join(snaps, "s1")), []string{"disk.qcow2", "disk.raw", "meta.json", "since"}; !slices.Equal(got, want) {
 		t.Fatalf("snapshots/s1: %v, want %v", got, want)
 	}
 	if target, err := os.Readlink(filepath.Join(snaps, "latest")); err != nil || target != "s2" {

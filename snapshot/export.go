@@ -30,6 +30,10 @@ type Export struct {
 // Close closes the snapshot image the export reads from.
 func (e *Export) Close() error { return e.img.Close() }
 
+// Image is the snapshot image the export reads from: closing it closes the
+// export.
+func (e *Export) Image() qcow.Image { return e.img }
+
 // FullExport returns the flattened qcow2 export of snapshot snap of
 // volume: a standalone image (no backing file) that holds every cluster
 // the snapshot reads as data or zero. It is disk.qcow2 in the mount.
