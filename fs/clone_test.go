@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -207,5 +208,60 @@ func TestSinceRsync(t *testing.T) {
 	}
 	if out := rsync(); !bytes.Contains(out, []byte("Number of regular files transferred: 0")) {
 		t.Fatalf("a second rsync transferred files:\n%s", out)
+	}
+}
+
+// TestCloneGesture: ln -s ../V/snapshots/S volumes/NEW makes a clone, whose
+// directory shows at once; a chain of such clones 16 deep, each writing its
+// own part, reads through the mount as qemu-img reads its chain.
+func TestCloneGesture(t *testing.T) {
+	ctx := context.Background()
+	store := newStore(t)
+	newVolume(t, store, "v0", 32<<20, "write -P 0x10 0 32M")
+	m := testMount(t, store)
+	vols := m.path("volumes")
+
+	const depth = 16
+	for i := 1; i <= depth; i++ {
+		prev, next := fmt.Sprintf("v%d", i-1), fmt.Sprintf("v%d", i)
+		if err := os.Mkdir(filepath.Join(vols, prev, "snapshots", "s"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if out, err := exec.Command("ln", "-s", "../"+prev+"/snapshots/s", filepath.Join(vols, next)).CombinedOutput(); err != nil {
+			t.Fatalf("ln -s clone %s: %v: %s", next, err, out)
+		}
+		// The clone's directory shows at once, with its parent link.
+		if got := readDir(t, filepath.Join(vols, next)); !slices.Contains(got, "parent") || !slices.Contains(got, "head.raw") {
+			t.Fatalf("volumes/%s after ln -s: %v", next, got)
+		}
+		writeHead(t, store, next, fmt.Sprintf("write -P 0x%x %dM 1M", 0x20+i, i))
+	}
+	v, err := store.Volume(ctx, fmt.Sprintf("v%d", depth))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.Parent == nil || v.Parent.Volume != fmt.Sprintf("v%d", depth-1) {
+		t.Fatalf("the last clone's parent: %+v", v.Parent)
+	}
+	got, err := os.ReadFile(filepath.Join(vols, fmt.Sprintf("v%d", depth), "head.raw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := qemutest.ConvertRaw(t, v.HeadPath); !bytes.Equal(got, want) {
+		t.Fatalf("a clone %d deep reads differently from qemu-img convert of its chain", depth)
+	}
+
+	// Refusals: a target that is not a snapshot of this tree, a taken name.
+	for _, target := range []string{"/etc/passwd", "../v0", "../v0/snapshots/nosuch", "../../x/snapshots/s"} {
+		err := os.Symlink(target, filepath.Join(vols, "bad"))
+		if err == nil {
+			t.Fatalf("ln -s %s accepted", target)
+		}
+		if errors.Is(err, syscall.EIO) {
+			t.Fatalf("ln -s %s: %v, want a clear errno", target, err)
+		}
+	}
+	if err := os.Symlink("../v0/snapshots/s", filepath.Join(vols, "v1")); !errors.Is(err, syscall.EEXIST) {
+		t.Fatalf("ln -s onto an existing volume: %v, want EEXIST", err)
 	}
 }

@@ -38,6 +38,9 @@ type (
 	dirUnlinker interface {
 		unlink(ctx context.Context, name string) error
 	}
+	dirSymlinker interface {
+		symlink(ctx context.Context, target, name string) (treeNode, error)
+	}
 )
 
 // dir is a directory node of any kind.
@@ -200,8 +203,21 @@ func (d *dir) Rename(context.Context, string, fusefs.InodeEmbedder, string, uint
 }
 
 // Symlink implements [fusefs.NodeSymlinker].
-func (d *dir) Symlink(context.Context, string, string, *fuse.EntryOut) (*fusefs.Inode, syscall.Errno) {
-	return nil, d.refuse()
+func (d *dir) Symlink(ctx context.Context, target, name string, out *fuse.EntryOut) (*fusefs.Inode, syscall.Errno) {
+	l, ok := d.contents.(dirSymlinker)
+	if !ok || d.fsys.readOnly {
+		return nil, d.refuse()
+	}
+	child, err := l.symlink(ctx, target, name)
+	if err == nil {
+		var in *fusefs.Inode
+		// As in Mkdir: the mutation is done.
+		in, err = newChild(context.WithoutCancel(ctx), d.EmbeddedInode(), child, out)
+		if err == nil {
+			return in, 0
+		}
+	}
+	return nil, d.fsys.errno("symlink "+name, err)
 }
 
 // Link implements [fusefs.NodeLinker].

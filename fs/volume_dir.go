@@ -2,7 +2,9 @@ package fs
 
 import (
 	"context"
+	"fmt"
 	"os"
+	"strings"
 	"syscall"
 	"time"
 
@@ -33,6 +35,41 @@ func (c volumesContents) find(ctx context.Context, name string) (treeNode, error
 		return nil, err
 	}
 	return c.volumeDir(v), nil
+}
+
+// symlink is the clone gesture: `ln -s ../V/snapshots/S volumes/NEW` (or
+// V/snapshots/S) makes NEW a copy-on-write clone of snapshot S of V. The
+// kernel wants a symlink back, so the reply is a link to S that is never
+// cached (entry timeout 0): the next lookup of NEW finds the clone's
+// directory.
+func (c volumesContents) symlink(ctx context.Context, target, name string) (treeNode, error) {
+	ref, ok := cloneSource(target)
+	if !ok {
+		return nil, fmt.Errorf("%w: %s: a clone links to a snapshot of a volume of this tree, ../VOL/snapshots/SNAP", snapshot.ErrInvalid, target)
+	}
+	mctx, cancel := c.fsys.mutationContext(ctx)
+	defer cancel()
+	v, err := c.fsys.manager.Clone(mctx, ref.Volume, ref.Snapshot, name)
+	if err != nil {
+		return nil, err
+	}
+	link := c.fsys.newSymlink(name, c.id.child(name).child("clone-link"), v.Created, func(context.Context) (string, error) {
+		return target, nil
+	})
+	link.entryTimeout = 0
+	return link, nil
+}
+
+// cloneSource parses the target of a clone gesture: ../VOL/snapshots/SNAP
+// or VOL/snapshots/SNAP.
+func cloneSource(target string) (snapshot.SnapshotRef, bool) {
+	rest := strings.TrimPrefix(strings.TrimPrefix(target, "./"), "../")
+	parts := strings.Split(strings.TrimSuffix(rest, "/"), "/")
+	if len(parts) != 3 || parts[1] != "snapshots" || parts[0] == "" || parts[2] == "" ||
+		parts[0] == ".." || parts[2] == ".." || parts[0] == "." || parts[2] == "." {
+		return snapshot.SnapshotRef{}, false
+	}
+	return snapshot.SnapshotRef{Volume: parts[0], Snapshot: parts[2]}, true
 }
 
 // volumeDir returns the directory of volume v.
