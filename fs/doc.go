@@ -6,23 +6,29 @@
 // # The tree
 //
 //	MOUNT/
-//	  volumes/VOL/
+//	  volumes/VOL/             ln -s ../V/snapshots/S volumes/NEW clones (volume_dir.go)
 //	    info.json              the volume, its chain and snapshots (JSON)
 //	    head.raw               the live head, flattened, read-only, never cached
+//	    revert                 write-only: echo SNAP > revert (control_file.go)
+//	    parent -> ../V/snapshots/S  a clone's parent (links.go); rm flattens
 //	    snapshots/
 //	      SNAP/                mkdir takes a snapshot, rmdir deletes it
 //	        disk.raw           flattened raw export, sparse (SEEK_HOLE/SEEK_DATA)
 //	        disk.qcow2         flattened qcow2 export, computed on read
-//	        meta.json          the snapshot (JSON)
+//	        meta.json          the snapshot (snapshot.VolumeSnapshotMeta)
 //	        parent -> ../PREV  the previous snapshot of the chain
+//	        since/PREV.qcow2   what changed since PREV, an overlay (since_dir.go)
 //	      latest -> SNAP       the newest snapshot
 //	  instances/INST/
 //	    info.json              the instance and its disks (JSON)
-//	    disks/vda -> ../../../volumes/VOL
+//	    revert                 write-only: echo SNAP > revert
+//	    disks/vda -> ../../../volumes/VOL   (or a file's path, or a pool's volume)
 //	    snapshots/SNAP/        mkdir snapshots every disk at one point
 //	      meta.json            each disk's snapshot, the device mapping
 //	      vda.raw vda.qcow2 ...
-//	  import/                  cp IMAGE import/NAME: on close it becomes volumes/NAME
+//	  import/                  cp IMAGE import/NAME: on close it becomes volumes/NAME;
+//	                           cp -r of a snapshot folder restores it (import_dir.go)
+//	  pools/POOL/              each mounted Ceph pool: volumes/, import/ (pools.go)
 //
 // # Errors
 //
