@@ -325,22 +325,11 @@ func (s *LocalStore) resolveFlatten(ctx context.Context, volume string) error {
 // rollback does. ErrBusy while qemu has the head open: a VM must not have
 // its disk switched under it.
 func (s *LocalStore) Revert(ctx context.Context, volume, snapshot string) error {
-	release, err := s.lockVolumes(ctx, volume)
+	release, _, v, i, err := s.lockSnapshot(ctx, volume, snapshot)
 	if err != nil {
 		return err
 	}
 	defer release()
-	if err := s.settle(ctx, volume); err != nil {
-		return err
-	}
-	m, err := s.load()
-	if err != nil {
-		return err
-	}
-	v, i, err := m.snapshotLayer(volume, snapshot)
-	if err != nil {
-		return err
-	}
 	if err := s.headFree(volume, v); err != nil {
 		return err
 	}

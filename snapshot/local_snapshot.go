@@ -231,23 +231,33 @@ func (s *LocalStore) DeleteSnapshot(ctx context.Context, volume, name string) er
 // Without the intent, metadata would say the child sits on the deleted
 // layer while its header says otherwise, and a later delete of the layer
 // below would remove a file the child still reads.
+// lockSnapshot begins a mutation of snapshot snap of volume: it locks the
+// volume, finishes what a crash cut short there (settle), and returns the
+// store's metadata with the volume and the index of snap's layer in its
+// chain. The caller calls release when done; on error nothing is held.
+func (s *LocalStore) lockSnapshot(ctx context.Context, volume, snap string) (release func(), m *storeMeta, v *volumeMeta, i int, err error) {
+	unlock, err := s.lockVolumes(ctx, volume)
+	if err != nil {
+		return nil, nil, nil, 0, err
+	}
+	if err = s.settle(ctx, volume); err == nil {
+		if m, err = s.load(); err == nil {
+			v, i, err = m.snapshotLayer(volume, snap)
+		}
+	}
+	if err != nil {
+		unlock()
+		return nil, nil, nil, 0, err
+	}
+	return unlock, m, v, i, nil
+}
+
 func (s *LocalStore) deleteSnapshot(ctx context.Context, volume, name, owner string) error {
-	release, err := s.lockVolumes(ctx, volume)
+	release, m, v, i, err := s.lockSnapshot(ctx, volume, name)
 	if err != nil {
 		return err
 	}
 	defer release()
-	if err := s.settle(ctx, volume); err != nil {
-		return err
-	}
-	m, err := s.load()
-	if err != nil {
-		return err
-	}
-	v, i, err := m.snapshotLayer(volume, name)
-	if err != nil {
-		return err
-	}
 	if err := deletable(m, volume, v, i, owner); err != nil {
 		return err
 	}
