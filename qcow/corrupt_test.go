@@ -267,7 +267,11 @@ func corruptCases() []corruptCase {
 	}
 	luksImage := func(t *testing.T) []byte {
 		luks.Do(func() {
-			luks.b = qemuImage(t, "1M", append(secret, "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10"))
+			var err error
+			luks.b, err = os.ReadFile(qemutest.CreateLUKS(t, filepath.Join(t.TempDir(), "luks.qcow2")))
+			if err != nil {
+				t.Fatal(err)
+			}
 		})
 		if luks.b == nil {
 			t.Fatal("no LUKS image: making it failed")

@@ -103,8 +103,7 @@ func TestImportRefused(t *testing.T) {
 	qemutest.Create(t, "qcow2", path("passwd.qcow2"), "1M", "-u", "-b", "/etc/passwd", "-F", "raw")
 	qemutest.Create(t, "qcow2", path("dotdot.qcow2"), "1M", "-u", "-b", "../base.qcow2", "-F", "qcow2")
 	qemutest.Create(t, "qcow2", path("datafile.qcow2"), "1M", "-o", "data_file="+path("datafile.data"))
-	qemutest.Create(t, "qcow2", path("luks.qcow2"), "1M", "--object", "secret,id=sec0,data=123456",
-		"-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10")
+	qemutest.CreateLUKS(t, path("luks.qcow2"))
 	qemutest.Create(t, "qcow2", path("huge.qcow2"), "100T")
 	if err := os.WriteFile(path("empty.raw"), nil, 0o600); err != nil {
 		t.Fatal(err)

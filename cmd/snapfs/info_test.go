@@ -323,8 +323,7 @@ func TestInfoErrors(t *testing.T) {
 	mustFailWith(t, []string{"info", badVersion}, badVersion, "version")
 
 	luks := filepath.Join(dir, "luks.qcow2")
-	qemutest.Img(t, "create", "-f", "qcow2", "--object", "secret,id=sec0,data=hunter2",
-		"-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", luks, "1M")
+	qemutest.CreateLUKS(t, luks)
 	mustFailWith(t, []string{"info", luks}, luks, "encrypt")
 
 	// A truncated image: the L2 table is gone.

@@ -91,6 +91,28 @@ func Create(t testing.TB, format, path, size string, opts ...string) string {
 	return path
 }
 
+// CreateLUKS creates a 1 MiB qcow2 image encrypted with LUKS at path (the
+// secret is "hunter2") and returns path. The key derivation is made cheap
+// (iter-time 10 ms). qemu-img first times the key derivation on this CPU,
+// and on a loaded machine that timing can fail ("Unable to get accurate CPU
+// usage"): that failure is retried, any other fails the test.
+func CreateLUKS(t testing.TB, path string) string {
+	t.Helper()
+	args := []string{"create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=hunter2",
+		"-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", path, "1M"}
+	for try := 1; ; try++ {
+		_, err := Try(t, "qemu-img", args...)
+		var te *ToolError
+		if err == nil {
+			return path
+		}
+		if try == 5 || !errors.As(err, &te) || !strings.Contains(te.Stderr, "accurate CPU usage") {
+			t.Fatal(err)
+		}
+		os.Remove(path)
+	}
+}
+
 // IO runs qemu-io commands (e.g. "write -P 1 0 64k") on image, in one
 // process and in order, and returns its stdout. qemu-io probes the format.
 // A failed command fails the test (qemu-io exits non-zero).
