@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 
@@ -65,6 +66,10 @@ func TestCloneParentFlatten(t *testing.T) {
 	// A snapshot with clones cannot be deleted.
 	if err := os.Remove(m.path("volumes", "base", "snapshots", "s1")); !errors.Is(err, syscall.EBUSY) {
 		t.Fatalf("rmdir of a snapshot with a clone: %v, want EBUSY", err)
+	}
+	// rmdir can only say EBUSY: the log names the clones.
+	if logged := m.log.String(); !strings.Contains(logged, "rmdir s1") || !strings.Contains(logged, "has clones (kid)") {
+		t.Fatalf("the log does not name the clones:\n%s", logged)
 	}
 	// Nothing else in a volume directory can be removed.
 	if err := os.Remove(m.path("volumes", "kid", "info.json")); !errors.Is(err, syscall.EPERM) {
@@ -263,5 +268,29 @@ func TestCloneGesture(t *testing.T) {
 	}
 	if err := os.Symlink("../v0/snapshots/s", filepath.Join(vols, "v1")); !errors.Is(err, syscall.EEXIST) {
 		t.Fatalf("ln -s onto an existing volume: %v, want EEXIST", err)
+	}
+}
+
+// TestCloneGesturesReadOnly: on a read-only mount the clone, flatten and
+// revert gestures fail with EROFS and change nothing.
+func TestCloneGesturesReadOnly(t *testing.T) {
+	ctx := context.Background()
+	store := newStore(t)
+	newVolume(t, store, "base", 4<<20, "write -P 0x11 0 1M")
+	if _, err := store.CreateSnapshots(ctx, []string{"base"}, "s1", snapshot.SnapshotOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := store.Clone(ctx, "base", "s1", "kid"); err != nil {
+		t.Fatal(err)
+	}
+	m := testMount(t, store, func(c *Config) { c.ReadOnly = true })
+	mustFail(t, "ln -s clone", os.Symlink("../base/snapshots/s1", m.path("volumes", "new")), syscall.EROFS)
+	mustFail(t, "rm parent", os.Remove(m.path("volumes", "kid", "parent")), syscall.EROFS)
+	mustFail(t, "write revert", os.WriteFile(m.path("volumes", "base", "revert"), []byte("s1\n"), 0o200), syscall.EROFS)
+	if _, err := store.Volume(ctx, "new"); !errors.Is(err, snapshot.ErrNotFound) {
+		t.Errorf("volume new after a refused clone: %v", err)
+	}
+	if v, err := store.Volume(ctx, "kid"); err != nil || v.Parent == nil {
+		t.Errorf("kid after a refused flatten: %+v, %v", v, err)
 	}
 }
