@@ -14,7 +14,7 @@ const DefaultCacheBytes = 64 << 20
 // decompressed clusters, bounded in bytes and evicting the least recently
 // used. It is safe for concurrent use and may be
 // shared by many chains: entries are keyed by a layer identity unique to the
-// process.
+// process, or, for immutable files, to their content (OpenImmutableFile).
 type Cache struct {
 	maxBytes int64
 
@@ -22,6 +22,8 @@ type Cache struct {
 	bytes   int64
 	entries map[cacheKey]*list.Element
 	lru     list.List // of *cacheEntry, most recent at the front
+	// sharedIDs are the layer identities of immutable files by content.
+	sharedIDs map[contentKey]uint64
 }
 
 type cacheKey struct {
@@ -96,4 +98,28 @@ func (c *Cache) putValue(key cacheKey, value any, size int64) {
 // layerIDs gives every opened layer a process-unique cache identity.
 var layerIDs atomic.Uint64
 
-func newLayerID() uint64 { return layerIDs.Add(1) }
+// maxSharedIDs bounds the identities a Cache remembers for immutable files
+// (see OpenImmutableFile): past it they are forgotten, and the entries of
+// the files' old identities age out of the cache.
+const maxSharedIDs = 4096
+
+// layerID returns the cache identity of a layer opened on f: the one every
+// layer on the same immutable content shares in this cache, or a new one.
+func (c *Cache) layerID(f File) uint64 {
+	k, ok := f.(keyed)
+	if !ok || k.contentKey() == (contentKey{}) {
+		return layerIDs.Add(1)
+	}
+	key := k.contentKey()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if id, ok := c.sharedIDs[key]; ok {
+		return id
+	}
+	if c.sharedIDs == nil || len(c.sharedIDs) >= maxSharedIDs {
+		c.sharedIDs = make(map[contentKey]uint64)
+	}
+	id := layerIDs.Add(1)
+	c.sharedIDs[key] = id
+	return id
+}

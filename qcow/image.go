@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"syscall"
 )
 
 // Sentinel errors. Every error the package returns for bad input wraps one of
@@ -163,9 +164,26 @@ type Opener func(ref BackingRef) (File, error)
 type osFile struct {
 	*os.File
 	size int64
+	// key identifies the content of a file opened by OpenImmutableFile,
+	// and is zero otherwise.
+	key contentKey
 }
 
 func (f *osFile) Size() int64 { return f.size }
+
+// contentKey identifies the bytes of an immutable local file: the inode
+// and what changes with any write or replacement of it. Layers opened on
+// files with the same key share their entries in a Cache.
+type contentKey struct {
+	dev, ino             uint64
+	size                 int64
+	mtimeNsec, ctimeNsec int64
+}
+
+// keyed is what files whose content has a contentKey implement.
+type keyed interface{ contentKey() contentKey }
+
+func (f *osFile) contentKey() contentKey { return f.key }
 
 // OpenFile opens a local file read-only as a File.
 func OpenFile(path string) (File, error) {
@@ -186,6 +204,32 @@ func OpenFile(path string) (File, error) {
 		}
 	}
 	return &osFile{File: f, size: size}, nil
+}
+
+// OpenImmutableFile is OpenFile for a file that is never written while
+// it exists under its inode, as the snapshot layers of a store: chains
+// that open it again and again (every open of an export) then share what
+// a Cache holds of it, and find its L2 tables already read and parsed.
+// The key of the sharing includes the modification and change times, so
+// a file that is rewritten after all is read afresh by later opens.
+func OpenImmutableFile(path string) (File, error) {
+	f, err := OpenFile(path)
+	if err != nil {
+		return nil, err
+	}
+	of := f.(*osFile)
+	st, err := of.Stat()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok && st.Mode().IsRegular() {
+		of.key = contentKey{
+			dev: uint64(sys.Dev), ino: sys.Ino, size: sys.Size,
+			mtimeNsec: sys.Mtim.Nano(), ctimeNsec: sys.Ctim.Nano(),
+		}
+	}
+	return f, nil
 }
 
 // bytesFile is a File over a byte slice.

@@ -108,7 +108,7 @@ func openQcow2(f File, cache *Cache, decompress Decompressor) (*qcowLayer, error
 	if err != nil {
 		return nil, err
 	}
-	l := &qcowLayer{f: f, data: f, h: h, id: newLayerID(), cache: cache, decompress: decompress}
+	l := &qcowLayer{f: f, data: f, h: h, id: cache.layerID(f), cache: cache, decompress: decompress}
 	raw := make([]byte, int64(h.l1Size)*8)
 	if err := readFull(f, raw, int64(h.l1Offset)); err != nil {
 		return nil, fmt.Errorf("qcow: reading L1 table: %w", err)

@@ -540,12 +540,19 @@ func (s *LocalStore) openBacking(ref qcow.BackingRef) (qcow.File, error) {
 	if !layerFileRe.MatchString(ref.Name) || (ref.Format != "" && ref.Format != "qcow2") {
 		return nil, fmt.Errorf("%w: %q (format %q) of %q is not a layer of the store; refused", qcow.ErrBacking, ref.Name, ref.Format, ref.From)
 	}
-	return qcow.OpenFile(s.layerPath(ref.Name))
+	// A backing layer is a snapshot's, which nothing writes: its cached
+	// metadata serves every chain that reads through it.
+	return qcow.OpenImmutableFile(s.layerPath(ref.Name))
 }
 
-// openChain opens the chain whose top is the layer file.
-func (s *LocalStore) openChain(file string) (*qcow.Chain, error) {
-	f, err := qcow.OpenFile(s.layerPath(file))
+// openChain opens the chain whose top is the layer file; the top is
+// immutable unless it is the head of a volume (see openBacking).
+func (s *LocalStore) openChain(file string, immutable bool) (*qcow.Chain, error) {
+	open := qcow.OpenFile
+	if immutable {
+		open = qcow.OpenImmutableFile
+	}
+	f, err := open(s.layerPath(file))
 	if err != nil {
 		return nil, err
 	}
@@ -586,7 +593,7 @@ func (s *LocalStore) openResolved(ctx context.Context, resolve func(m *storeMeta
 		if err != nil {
 			return nil, err
 		}
-		c, err := s.openChain(file)
+		c, err := s.openChain(file, !m.isHead(file))
 		if err == nil || !errors.Is(err, fs.ErrNotExist) || attempt == 4 {
 			return c, err
 		}
@@ -597,6 +604,17 @@ func (s *LocalStore) openResolved(ctx context.Context, resolve func(m *storeMeta
 }
 
 func notFound(kind, name string) error { return fmt.Errorf("%w: %s %q", ErrNotFound, kind, name) }
+
+// isHead says whether file is the head of a volume: the one layer that is
+// written (by a VM, a flatten, a revert) while it exists.
+func (m *storeMeta) isHead(file string) bool {
+	for _, v := range m.Volumes {
+		if v.Head == file {
+			return true
+		}
+	}
+	return false
+}
 
 // volume returns volume name of m, or ErrNotFound.
 func (m *storeMeta) volume(name string) (*volumeMeta, error) {
