@@ -4,8 +4,10 @@ package rbdio
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -116,18 +118,45 @@ func TestOSDStopped(t *testing.T) {
 	// Once the OSD is back, the same image reads again. If the mon marked
 	// the stopped OSD down meanwhile, it first has to rejoin, which on a
 	// loaded machine takes a while: this checks recovery, not its speed.
-	deadline := time.Now().Add(2 * time.Minute)
+	resumed := time.Now()
+	deadline := resumed.Add(2 * time.Minute)
+	diagnosed := false
 	for {
 		_, err = im.ReadAt(buf, 8<<20)
 		if err == nil || time.Now().After(deadline) {
 			break
+		}
+		if !diagnosed && time.Since(resumed) > 15*time.Second {
+			diagnosed = true
+			diagnoseRecovery(t, p, name)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
 	if err != nil {
 		t.Fatalf("read after the OSD came back: %v", err)
 	}
+	t.Logf("the first read came back %v after SIGCONT", time.Since(resumed).Round(time.Millisecond))
 	if !bytes.Equal(buf, data[8<<20:9<<20]) {
 		t.Errorf("read after the OSD came back: wrong data")
+	}
+}
+
+// diagnoseRecovery logs what the cluster and a fresh client say while the
+// old image handle still fails after the OSD came back: the cluster's
+// status, a read through a new handle, and the end of the OSD's log.
+func diagnoseRecovery(t *testing.T, p *Pool, name string) {
+	t.Helper()
+	for _, args := range [][]string{{"-s"}, {"osd", "dump"}} {
+		out, err := exec.Command("ceph", append([]string{"-c", cephConf, "--connect-timeout", "10"}, args...)...).CombinedOutput()
+		t.Logf("ceph %s (%v):\n%s", strings.Join(args, " "), err, out)
+	}
+	fresh, err := p.OpenSnapshot(context.Background(), name, "s")
+	if err == nil {
+		_, err = fresh.ReadAt(make([]byte, 1<<20), 8<<20)
+		fresh.Close()
+	}
+	t.Logf("a read through a new handle: %v", err)
+	if log, err := os.ReadFile(filepath.Join(filepath.Dir(runDir(t)), "log", "osd.0.log")); err == nil {
+		t.Logf("end of osd.0.log:\n%s", log[max(0, len(log)-6000):])
 	}
 }
