@@ -54,7 +54,7 @@ type revertMeta struct {
 }
 
 // How the snapshots of one CreateSnapshots call were taken, recorded in
-// each snapshot's metadata (see Pool.SnapshotMethod).
+// each snapshot's metadata, and shown as snapshot.Snapshot.Method.
 const (
 	// MethodSingle: one image, snapped by librbd, which quiesces the
 	// image's writer (the exclusive lock owner) around the snapshot.

@@ -73,6 +73,7 @@ func (p *Pool) snapshots(img *rbd.Image, volume string) ([]snapshot.Snapshot, er
 			Size:        int64(s.Size),
 			Parent:      prev,
 			Consistency: sm.Consistency,
+			Method:      sm.Method,
 			Metadata:    copyMetadata(sm.Metadata),
 			Path:        "rbd:" + p.spec(volume) + "@" + s.Name,
 		})
@@ -115,36 +116,6 @@ func (p *Pool) Snapshot(ctx context.Context, volume, name string) (snapshot.Snap
 		}
 	}
 	return snapshot.Snapshot{}, fmt.Errorf("%w: snapshot %q of volume %q", snapshot.ErrNotFound, name, volume)
-}
-
-// SnapshotMethod says how a snapshot was taken together with the others of
-// its CreateSnapshots call (MethodSingle, MethodIdle, MethodSequential),
-// "" if snapfs did not take it.
-func (p *Pool) SnapshotMethod(ctx context.Context, volume, name string) (string, error) {
-	if err := lookupName(volume); err != nil {
-		return "", err
-	}
-	img, err := p.openImage(volume, "", false)
-	if err != nil {
-		return "", err
-	}
-	defer img.Close()
-	id, err := img.GetId()
-	if err != nil {
-		return "", wrap("info "+p.spec(volume), err)
-	}
-	sid, err := img.GetSnapID(name)
-	if errnoOf(err) == syscall.ENOENT {
-		return "", fmt.Errorf("%w: snapshot %q of volume %q", snapshot.ErrNotFound, name, volume)
-	}
-	if err != nil {
-		return "", wrap("snap info "+p.spec(volume)+"@"+name, err)
-	}
-	meta, err := readMeta(img, id)
-	if err != nil {
-		return "", err
-	}
-	return meta.snaps[sid].Method, nil
 }
 
 // checkConsistency refuses unknown consistency levels ("" is allowed: the

@@ -126,9 +126,13 @@ type Snapshot struct {
 	Created time.Time `json:"created"`
 	Size    int64     `json:"size"`
 	// Parent is the previous snapshot of the same volume ("" for the first).
-	Parent      string            `json:"parent,omitempty"`
-	Consistency Consistency       `json:"consistency"`
-	Metadata    map[string]string `json:"metadata,omitempty"`
+	Parent      string      `json:"parent,omitempty"`
+	Consistency Consistency `json:"consistency"`
+	// Method says how the snapshot was taken together with the other
+	// volumes of its instance snapshot, where the backend records it
+	// (rbdio: "single-image", "idle" or "sequential").
+	Method   string            `json:"method,omitempty"`
+	Metadata map[string]string `json:"metadata,omitempty"`
 	// Instance is set when the snapshot was taken as part of a snapshot
 	// of that instance (it is then deleted with the instance snapshot).
 	Instance string `json:"instance,omitempty"`

@@ -68,6 +68,9 @@ type VolumeSnapshotMeta struct {
 	// Parent is the previous snapshot of the volume ("" for the first).
 	Parent      string      `json:"parent,omitempty"`
 	Consistency Consistency `json:"consistency"`
+	// Method is how the backend took it with the other disks of its
+	// instance snapshot, where it says (Snapshot.Method).
+	Method string `json:"method,omitempty"`
 	// Metadata is the snapshot's user metadata.
 	Metadata map[string]string `json:"metadata,omitempty"`
 	// Instance is set when the snapshot belongs to an instance snapshot.
@@ -105,6 +108,9 @@ type DiskMeta struct {
 	Snapshot string `json:"snapshot"`
 	// Size is the virtual size of the disk, in bytes.
 	Size int64 `json:"size"`
+	// Method is how the backend took this disk's snapshot with the
+	// others (Snapshot.Method), where it says.
+	Method string `json:"method,omitempty"`
 	// Metadata is the disk snapshot's user metadata, VolumeMetadata the
 	// volume's.
 	Metadata       map[string]string `json:"metadata,omitempty"`
@@ -130,6 +136,7 @@ func VolumeSnapshotMetaFor(ctx context.Context, b Backend, volume, snap string) 
 		Size:           s.Size,
 		Parent:         s.Parent,
 		Consistency:    s.Consistency,
+		Method:         s.Method,
 		Metadata:       s.Metadata,
 		Instance:       s.Instance,
 		VolumeMetadata: v.Metadata,
@@ -166,7 +173,7 @@ func InstanceSnapshotMetaFor(ctx context.Context, b Backend, p InstanceProvider,
 		}
 		meta.Disks = append(meta.Disks, DiskMeta{
 			Device: d.Device, Volume: d.Volume, Snapshot: d.Snapshot, Size: s.Size,
-			Metadata: s.Metadata, VolumeMetadata: v.Metadata,
+			Method: s.Method, Metadata: s.Metadata, VolumeMetadata: v.Metadata,
 		})
 	}
 	return meta, nil

@@ -81,6 +81,13 @@ func TestMountCeph(t *testing.T) {
 	if got := string(rbd(t, conf, "snap", "ls", "rbd/vm1")); !bytes.Contains([]byte(got), []byte("s1")) {
 		t.Fatalf("rbd snap ls after mkdir: %s", got)
 	}
+	// meta.json records how the snapshot was taken.
+	var meta struct{ Consistency, Method string }
+	if b, err := os.ReadFile(filepath.Join(mnt, "volumes/vm1/snapshots/s1/meta.json")); err != nil {
+		t.Fatal(err)
+	} else if err := json.Unmarshal(b, &meta); err != nil || meta.Method != "single-image" || meta.Consistency != "crash-consistent" {
+		t.Errorf("meta.json of an RBD snapshot: %+v (%v)\n%s", meta, err, b)
+	}
 	want := rbd(t, conf, "export", "--no-progress", "rbd/vm1@s1", "-")
 	got, err := os.ReadFile(filepath.Join(mnt, "volumes/vm1/snapshots/s1/disk.raw"))
 	if err != nil {
