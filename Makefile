@@ -51,7 +51,8 @@ fuzz:
 # BENCHFLAGS='-size 256M -runs 1' makes a quick run of both;
 # MOUNTBENCHFLAGS goes to mountbench alone (-depth-size 128M, -cases 23).
 # Then issue 4 (bytes read per byte changed by an incremental export of a
-# 10 GiB volume; clone reads 16 deep against a flat volume) and, last,
+# 10 GiB volume; clone reads 16 deep against a flat volume, in-process and
+# through a mount) and, last,
 # issue 6: mkdir latency and frozen window on a running 2-disk guest
 # of a private libvirtd (virt's BenchmarkSnapshotRunning).
 bench: deps build
@@ -62,6 +63,7 @@ bench: deps build
 	CGO_ENABLED=0 $(GO) build -o bin/rbdbench ./bench/cmd/rbdbench
 	./bin/rbdbench -snapfs bin/snapfs -work .bench/rbd $(BENCHFLAGS) $(RBDBENCHFLAGS)
 	SNAPFS_BENCH_GIB=10 $(GO) test -run '^$$' -bench 'IncrementalExport|CloneRead' -benchtime 3x ./snapshot
+	$(GO) test -run '^$$' -bench CloneReadMount -benchtime 9x ./fs
 	CGO_ENABLED=1 $(GO) test -tags libvirt -run '^$$' -bench SnapshotRunning -benchtime 20x ./virt
 
 run: deps build
