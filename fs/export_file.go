@@ -45,7 +45,24 @@ type exportFile struct {
 	statDone bool
 	size     int64 // of the file
 	alloc    int64 // bytes of the file that hold data, for st_blocks
+	// spare is the export that stat opened, kept for a moment for the
+	// open that usually follows (cp, cat: stat, then open), which then
+	// need not open the chain again (for RBD, every image of a clone
+	// chain, and its map of who owns what). A timer closes it if no
+	// open comes.
+	spare *openedExport
 }
+
+// openedExport is an export opened: img must be closed, r reads the file.
+type openedExport struct {
+	img   qcow.Image
+	r     io.ReaderAt
+	size  int64
+	timer *time.Timer
+}
+
+// spareFor is how long an export opened by stat waits for an open.
+const spareFor = 2 * time.Second
 
 var (
 	_ fusefs.NodeGetattrer = (*exportFile)(nil)
@@ -105,17 +122,84 @@ func (e *exportFile) stat(ctx context.Context) (size, alloc int64, err error) {
 	if err != nil {
 		return 0, 0, err
 	}
-	defer img.Close()
 	if x, ok := r.(*qcow.Export); ok {
 		alloc = x.AllocatedBytes()
 	} else {
 		alloc, err = allocatedBytes(ctx, img.Extents, size)
 		if err != nil {
+			img.Close()
 			return 0, 0, err
 		}
 	}
 	e.size, e.alloc, e.statDone = size, alloc, true
+	e.spare = &openedExport{img: img, r: r, size: size}
+	e.spare.timer = time.AfterFunc(spareFor, e.dropSpare)
+	e.fsys.spares.add(e)
 	return size, alloc, nil
+}
+
+// openExport returns the export that stat opened, if it still waits, or
+// opens it.
+func (e *exportFile) openExport(ctx context.Context) (img qcow.Image, r io.ReaderAt, size int64, err error) {
+	if spare := e.takeSpare(); spare != nil {
+		return spare.img, spare.r, spare.size, nil
+	}
+	return e.open(ctx)
+}
+
+// takeSpare returns the export stat opened, now the caller's, or nil.
+func (e *exportFile) takeSpare() *openedExport {
+	e.mu.Lock()
+	spare := e.spare
+	e.spare = nil
+	e.mu.Unlock()
+	if spare != nil {
+		spare.timer.Stop()
+		e.fsys.spares.remove(e)
+	}
+	return spare
+}
+
+// dropSpare closes the export stat opened, if no open took it.
+func (e *exportFile) dropSpare() {
+	if spare := e.takeSpare(); spare != nil {
+		spare.img.Close()
+	}
+}
+
+// spareExports is the set of export files that hold an export stat opened.
+type spareExports struct {
+	mu    sync.Mutex
+	files map[*exportFile]struct{}
+}
+
+func (s *spareExports) add(e *exportFile) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.files == nil {
+		s.files = map[*exportFile]struct{}{}
+	}
+	s.files[e] = struct{}{}
+}
+
+func (s *spareExports) remove(e *exportFile) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.files, e)
+}
+
+// closeAll closes every export still waiting for an open: the mount is
+// gone, and the backend they read is closed next.
+func (s *spareExports) closeAll() {
+	s.mu.Lock()
+	files := make([]*exportFile, 0, len(s.files))
+	for e := range s.files {
+		files = append(files, e)
+	}
+	s.mu.Unlock()
+	for _, e := range files {
+		e.dropSpare()
+	}
 }
 
 func (e *exportFile) attr(ctx context.Context, a *fuse.Attr) error {
@@ -147,7 +231,7 @@ func (e *exportFile) Open(ctx context.Context, flags uint32) (fusefs.FileHandle,
 	if err != nil {
 		return nil, 0, e.fsys.errno("open "+e.name, err)
 	}
-	img, r, size, err := e.open(ctx)
+	img, r, size, err := e.openExport(ctx)
 	if err != nil {
 		release()
 		return nil, 0, e.fsys.errno("open "+e.name, err)

@@ -143,6 +143,7 @@ func newFilesystem(cfg Config) *filesystem {
 		log:       cfg.Logger,
 		manager:   snapshot.NewManager(cfg.Backend, cfg.Instances),
 		staging:   cfg.StagingDir,
+		spares:    &spareExports{},
 		ctx:       ctx,
 		cancel:    cancel,
 	}
@@ -163,6 +164,7 @@ func (s *Server) Mountpoint() string { return s.mountpoint }
 func (s *Server) Wait() {
 	s.fuse.Wait()
 	s.fsys.cancel()
+	s.fsys.spares.closeAll()
 }
 
 // Unmount unmounts the filesystem. It fails, and the mount stays, while a

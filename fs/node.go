@@ -37,6 +37,9 @@ type filesystem struct {
 	// snapshots whose files are open, so that rmdir gets EBUSY.
 	manager *snapshot.Manager
 	closing closingFiles
+	// spares are the exports stat opened for an open to come, shared by
+	// the trees of the mount: Wait closes those left.
+	spares *spareExports
 	// at is where the backend's tree shows in the mount: "" at the root,
 	// "pools/NAME" for a pool (see pools.go); links to snapshots in other
 	// trees are made relative from it (links.go).

@@ -63,6 +63,7 @@ func (f *filesystem) poolTree(backend snapshot.Backend, at string) *filesystem {
 		mounted:  f.mounted,
 		log:      f.log,
 		manager:  manager,
+		spares:   f.spares,
 		at:       at,
 		ctx:      f.ctx,
 		cancel:   f.cancel,
