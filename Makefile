@@ -2,7 +2,7 @@
 #
 #   make deps    install what building and testing need (idempotent)
 #   make build   bin/snapfs, one static binary
-#   make test    vet, every test, then each fuzz target for FUZZTIME
+#   make test    vet, every test, then each fuzz target for FUZZTIME inputs
 #   make bench   benchmarks against qemu-img (BENCHFLAGS for smaller runs)
 #   make run     mount the default store at ./mnt (the README's first command)
 #   make demo    show snapfs info and convert on a generated qcow2 chain
@@ -12,7 +12,7 @@
 # Go may be installed where a non-login shell (CI) does not look.
 export PATH := $(PATH):/usr/local/go/bin
 GO ?= go
-FUZZTIME ?= 10s
+FUZZTIME ?= 30000x
 BENCHFLAGS ?=
 MOUNTBENCHFLAGS ?=
 
