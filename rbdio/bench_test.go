@@ -3,7 +3,11 @@
 package rbdio
 
 import (
+	"errors"
 	"fmt"
+	"io"
+	"sync"
+	"sync/atomic"
 	"testing"
 
 	"snapfs/qcow"
@@ -80,7 +84,52 @@ func BenchmarkReadChain(b *testing.B) {
 				readSequential(b, im, buf)
 			}
 		})
+		// As the mount reads ahead: 2 MiB reads, 16 in flight.
+		b.Run(tc.name+"-mount", func(b *testing.B) {
+			var im qcow.Image
+			var err error
+			if tc.snap != "" {
+				im, err = p.OpenSnapshot(c, tc.vol, tc.snap)
+			} else {
+				im, err = p.OpenHead(c, tc.vol)
+			}
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer im.Close()
+			b.SetBytes(size)
+			for b.Loop() {
+				readParallel(b, im, 2<<20, 16)
+			}
+		})
 	}
+}
+
+// readParallel reads im front to back in reads of n bytes, inFlight at a
+// time.
+func readParallel(b *testing.B, im qcow.Image, n, inFlight int) {
+	var (
+		wg   sync.WaitGroup
+		next atomic.Int64
+	)
+	for range inFlight {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, n)
+			for {
+				off := next.Add(int64(n)) - int64(n)
+				if off >= im.Size() {
+					return
+				}
+				if _, err := im.ReadAt(buf, off); err != nil && !errors.Is(err, io.EOF) {
+					b.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
 }
 
 func readSequential(b *testing.B, im qcow.Image, buf []byte) {

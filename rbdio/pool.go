@@ -41,9 +41,10 @@ type volumeLock struct {
 }
 
 var (
-	_ snapshot.Backend  = (*Pool)(nil)
-	_ snapshot.Cloner   = (*Pool)(nil)
-	_ snapshot.Reverter = (*Pool)(nil)
+	_ snapshot.Backend         = (*Pool)(nil)
+	_ snapshot.Cloner          = (*Pool)(nil)
+	_ snapshot.Reverter        = (*Pool)(nil)
+	_ snapshot.SnapshotChecker = (*Pool)(nil)
 )
 
 // tempPrefix starts the names of the images an import writes before it

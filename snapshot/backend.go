@@ -144,6 +144,16 @@ type Snapshot struct {
 	Clones []string `json:"clones,omitempty"`
 }
 
+// SnapshotChecker is implemented by backends that can tell whether a
+// snapshot exists much more cheaply than Snapshot describes it (rbdio: two
+// RADOS reads instead of opening a clone's whole parent chain). Manager.Hold
+// uses it: every open of an export holds its snapshot.
+type SnapshotChecker interface {
+	// SnapshotExists returns nil if volume has snapshot name, or an error
+	// wrapping ErrNotFound if it does not.
+	SnapshotExists(ctx context.Context, volume, name string) error
+}
+
 // SnapshotOptions go with a new snapshot.
 type SnapshotOptions struct {
 	Consistency Consistency

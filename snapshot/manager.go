@@ -60,6 +60,9 @@ func NewManager(b Backend, p InstanceProvider) *Manager {
 // it is being deleted.
 func (m *Manager) Hold(ctx context.Context, volume, snapshot string) (release func(), err error) {
 	return m.hold(SnapshotRef{Volume: volume, Snapshot: snapshot}, func() error {
+		if c, ok := m.Backend.(SnapshotChecker); ok {
+			return c.SnapshotExists(ctx, volume, snapshot)
+		}
 		_, err := m.Backend.Snapshot(ctx, volume, snapshot)
 		return err
 	})

@@ -22,9 +22,11 @@
 // export. The cluster keeps its objects in RAM (memstore): it needs about
 // -size plus three times -chain-size of memory.
 //
-// For a quick run while developing:
+// -cases picks the cases to run (case 3 snapshots case 1's image). For a
+// quick run while developing, or of the clone chain alone:
 //
 //	rbdbench -size 256M -chain-size 128M -runs 1
+//	rbdbench -cases 2 -runs 5
 package main
 
 import (
@@ -37,6 +39,8 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"syscall"
 
 	"snapfs/bench/internal/measure"
@@ -59,6 +63,8 @@ type config struct {
 	// page cache.
 	dropCaches bool
 	verify     bool
+	// cases are the cases to run, by number.
+	cases map[int]bool
 }
 
 func main() {
@@ -96,11 +102,20 @@ func parseFlags(args []string) (*config, error) {
 	// Taken for make bench's BENCHFLAGS, which every benchmark gets:
 	// nothing of a run is kept (the cluster lives in RAM).
 	fs.Bool("keep", true, "ignored: the cluster is in RAM and always stopped")
+	cases := fs.String("cases", "1,2,3", "the cases to run, by number, comma-separated (3 needs 1)")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	cfg.cases = map[int]bool{}
+	for _, c := range strings.Split(*cases, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(c))
+		if err != nil || n < 1 || n > 3 {
+			return nil, fmt.Errorf("-cases: %q is not a case (1, 2 or 3)", c)
+		}
+		cfg.cases[n] = true
 	}
 	for _, s := range []struct {
 		flag, val string
@@ -122,6 +137,8 @@ func parseFlags(args []string) (*config, error) {
 		return nil, errors.New("-layers must be at least 1")
 	case cfg.chainSize < int64(cfg.depth)*objectSize:
 		return nil, fmt.Errorf("-chain-size must give each of the %d clones an object (%s)", cfg.depth, measure.FormatSize(objectSize))
+	case cfg.cases[3] && !cfg.cases[1]:
+		return nil, errors.New("-cases: case 3 snapshots case 1's image: run 1 with it")
 	case cfg.mkdirs < 2:
 		return nil, errors.New("-mkdirs must be at least 2")
 	}
@@ -185,14 +202,13 @@ func run(ctx context.Context, cfg *config, w io.Writer) (err error) {
 	} else {
 		fmt.Fprintln(w, "  the page cache is not dropped (needs root, or -drop-caches=false): the mounts are fresh for each run")
 	}
-	if err := b.throughput(); err != nil {
-		return err
-	}
-	if err := b.chain(); err != nil {
-		return err
-	}
-	if err := b.mkdirLatency(); err != nil {
-		return err
+	for i, c := range []func() error{b.throughput, b.chain, b.mkdirLatency} {
+		if !cfg.cases[i+1] {
+			continue
+		}
+		if err := c(); err != nil {
+			return err
+		}
 	}
 	b.summary()
 	return nil

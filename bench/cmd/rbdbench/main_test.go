@@ -11,7 +11,7 @@ func TestParseFlags(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cfg.size != 256<<20 || cfg.chainSize != 64<<20 || cfg.depth != 4 || cfg.runs != 1 {
+	if cfg.size != 256<<20 || cfg.chainSize != 64<<20 || cfg.depth != 4 || cfg.runs != 1 || len(cfg.cases) != 3 {
 		t.Errorf("parsed %+v", cfg)
 	}
 	for _, bad := range [][]string{
@@ -19,6 +19,8 @@ func TestParseFlags(t *testing.T) {
 		{"-chain-size", "16M", "-layers", "8"}, // fewer objects than clones
 		{"-runs", "0"},
 		{"-mkdirs", "1"},
+		{"-cases", "3"}, // case 3 needs case 1's image
+		{"-cases", "4"},
 		{"extra"},
 	} {
 		if _, err := parseFlags(bad); err == nil {
