@@ -168,10 +168,15 @@ func (s *LocalStore) Dir() string { return s.dir }
 func (s *LocalStore) metaPath() string             { return filepath.Join(s.dir, metaFile) }
 func (s *LocalStore) layerPath(file string) string { return filepath.Join(s.layers, file) }
 
-// recoverStore writes an empty store.json into a new store, sweeps what
+// recoverStore writes an empty store.json into a new store, resolves
+// interrupted external head switches (resolveExternalAll), sweeps what
 // crashes left, settles interrupted snapshot deletes and flattens (settle)
 // and resumes interrupted instance snapshot deletions.
 func (s *LocalStore) recoverStore(ctx context.Context) error {
+	// Before the sweep: a prepared head qemu may write to is no orphan.
+	if err := s.resolveExternalAll(ctx); err != nil {
+		return err
+	}
 	var pending []InstanceSnapshot
 	var unsettled []string
 	err := s.withMetaLock(ctx, func() error {
@@ -237,6 +242,9 @@ func (s *LocalStore) recoverStore(ctx context.Context) error {
 // it looks.
 func (s *LocalStore) sweep(m *storeMeta) error {
 	used := map[string]bool{}
+	for _, f := range s.intentHeads() {
+		used[f] = true
+	}
 	for _, v := range m.Volumes {
 		used[v.Head] = true
 		for _, l := range v.Layers {

@@ -110,9 +110,13 @@ func (s *LocalStore) CloneVolume(ctx context.Context, name string, parent Snapsh
 }
 
 // settle finishes or forgets what a crash (or an error) left half done on
-// volume: a snapshot delete (resolveMerge) and a flatten (resolveFlatten).
-// The caller holds the volume lock.
+// volume: an external head switch (resolveExternal), a snapshot delete
+// (resolveMerge) and a flatten (resolveFlatten). The caller holds the
+// volume lock.
 func (s *LocalStore) settle(ctx context.Context, volume string) error {
+	if err := s.resolveExternal(ctx, volume); err != nil {
+		return err
+	}
 	if err := s.resolveMerge(ctx, volume); err != nil {
 		return err
 	}

@@ -64,8 +64,11 @@ func (p *Provider) deleteLocked(ctx context.Context, dom *libvirt.Domain, uuid, 
 		if err != nil {
 			return err
 		}
+		if err := p.storeDeletable(dom, instance, recs.Snapshots[i]); err != nil {
+			return err
+		}
 		for _, d := range recs.Snapshots[i].Disks {
-			if d.Kind != FileDisk || d.Merged {
+			if d.Kind != FileDisk || d.Merged || d.Store {
 				continue
 			}
 			children, _, err := layerChildren(recs, i, d.Device, actives[d.Device])
@@ -90,12 +93,29 @@ func (p *Provider) deleteLocked(ctx context.Context, dom *libvirt.Domain, uuid, 
 		if d.Merged {
 			continue
 		}
-		switch d.Kind {
-		case FileDisk:
+		switch {
+		case d.Kind == FileDisk && d.Store:
+			if p.cfg.Store == nil {
+				return fmt.Errorf("%w: instance %q: delete snapshot %q: disk %s is volume %q of a local store that is not open",
+					snapshot.ErrUnsupported, instance, name, dev, d.Volume)
+			}
+			if err := p.cfg.Store.DeleteSnapshot(ctx, d.Volume, name); err != nil && !errors.Is(err, snapshot.ErrNotFound) {
+				return fmt.Errorf("instance %q: delete snapshot %q: disk %s: %w", instance, name, dev, err)
+			}
+			// The store changed the chain under the disk's file: the
+			// definition must not name the old one (<backingStore>).
+			if err := p.forgetBacking(dom, dev); err != nil {
+				return fmt.Errorf("instance %q: delete snapshot %q: disk %s: %w", instance, name, dev, err)
+			}
+			d.Merged = true
+			if err := p.records.save(recs); err != nil {
+				return err
+			}
+		case d.Kind == FileDisk:
 			if err := p.mergeLayer(ctx, dom, recs, i, dev); err != nil {
 				return fmt.Errorf("instance %q: delete snapshot %q: disk %s: %w", instance, name, dev, err)
 			}
-		case RBDDisk:
+		case d.Kind == RBDDisk:
 			backend, ok := p.pool(d.Pool)
 			if !ok {
 				return fmt.Errorf("%w: instance %q: delete snapshot %q: RBD pool %q of disk %s is not mounted",
@@ -123,6 +143,30 @@ func (p *Provider) deleteLocked(ctx context.Context, dom *libvirt.Domain, uuid, 
 	for _, f := range remove {
 		if err := os.Remove(f); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			p.cfg.Logf("virt: remove %s: %v", f, err)
+		}
+	}
+	return nil
+}
+
+// storeDeletable refuses (ErrBusy, with a log line) to delete a snapshot
+// of a running domain that holds a local-store volume's layer: the store
+// deletes a snapshot by merging files itself, and the layer above it may
+// be the head qemu writes to; a libvirt block commit would change the
+// store's files behind its back. Shut off, the store deletes it.
+func (p *Provider) storeDeletable(dom *libvirt.Domain, instance string, rec Record) error {
+	active, err := dom.IsActive()
+	if err != nil {
+		return wrap(err, "domain state")
+	}
+	if !active {
+		return nil
+	}
+	for _, d := range rec.Disks {
+		if d.Kind == FileDisk && d.Store && !d.Merged {
+			err := fmt.Errorf("%w: instance %q is running: snapshot %q of disk %s is snapshot %q of local-store volume %q; shut the domain off to delete it",
+				snapshot.ErrBusy, instance, rec.Name, d.Device, rec.Name, d.Volume)
+			p.cfg.Logf("virt: %v", err)
+			return err
 		}
 	}
 	return nil
@@ -363,9 +407,24 @@ func (p *Provider) offlineCommit(ctx context.Context, dom *libvirt.Domain, dev, 
 	return nil
 }
 
+// forgetBacking drops the <backingStore> of disk dev from the persistent
+// definition of a domain, so that libvirt reads the chain from the files
+// when it next starts it (a no-op for transient domains).
+func (p *Provider) forgetBacking(dom *libvirt.Domain, dev string) error {
+	return p.redefineDisk(dom, dev, func(d Disk) (diskFile, bool) { return diskFile{d.Path, d.Format}, true })
+}
+
 // redefineSource makes the persistent definition of a domain use file for
 // disk dev (a no-op for transient domains and when it does already).
 func (p *Provider) redefineSource(dom *libvirt.Domain, dev string, file diskFile) error {
+	return p.redefineDisk(dom, dev, func(d Disk) (diskFile, bool) { return file, d.Path != file.Path })
+}
+
+// redefineDisk defines a persistent domain again with disk dev's source
+// set to what source returns for the disk as defined now, and its
+// <backingStore> dropped, when source says to (a no-op for transient
+// domains).
+func (p *Provider) redefineDisk(dom *libvirt.Domain, dev string, source func(Disk) (diskFile, bool)) error {
 	persistent, err := dom.IsPersistent()
 	if err != nil || !persistent {
 		return wrap(err, "redefine")
@@ -379,19 +438,13 @@ func (p *Provider) redefineSource(dom *libvirt.Domain, dev string, file diskFile
 		return err
 	}
 	for _, d := range disks {
-		if d.Device == dev && d.Path == file.Path {
+		if d.Device == dev {
+			if file, change := source(d); change {
+				return p.defineSources(dom, map[string]diskFile{dev: file})
+			}
 			return nil
 		}
 	}
-	doc, err = rewriteDiskSources(doc, map[string]diskFile{dev: file})
-	if err != nil {
-		return err
-	}
-	nd, err := p.conn.DomainDefineXML(doc)
-	if err != nil {
-		return wrap(err, "redefine")
-	}
-	nd.Free()
 	return nil
 }
 

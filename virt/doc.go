@@ -26,7 +26,13 @@
 //     made before the freeze (REUSE_EXT: creating them inside the window
 //     would double it); the files qemu wrote to until then become the
 //     snapshot's read-only layers. RBD disks are snapshotted through the
-//     snapshot.Backend of their pool.
+//     snapshot.Backend of their pool. A disk that is a local-store
+//     volume's head (Config.Store) gets its overlay from the store
+//     ([snapshot.LocalStore.PrepareExternalHead]: a file of the store,
+//     recorded as an intent), and once libvirt switched to it the store
+//     commits the snapshot as the volume's own (the old head its layer,
+//     the overlay its head); when libvirt fails, the store drops the
+//     overlay and is as it was.
 //  3. It asks the agent whether the filesystems are still frozen, then
 //     thaws. The thaw is always attempted (on errors, timeouts and a
 //     cancelled context too) and retried while the agent is away, for up to
@@ -70,6 +76,11 @@
 //     does it, pivoting to the merged layer when the child is the active
 //     one), so a disk is never changed under the running qemu; on a shut-off
 //     domain it is qemu-img commit.
+//   - A local-store volume's snapshot (see above) is the store's: on a
+//     shut-off domain the store reverts (the domain then runs off the
+//     volume's new head) and deletes it; on a running domain its delete is
+//     refused with ErrBusy (and a log line): a block commit would change
+//     the store's files behind its back.
 //
 // # In the mount
 //

@@ -42,25 +42,42 @@ type guest struct {
 // to the kernel command line (snapfs.freeze_hook: see build-guest.sh).
 func newGuest(t testing.TB, ndisks int, cmdline ...string) *guest {
 	t.Helper()
+	dir := t.TempDir()
+	var disks []virttest.Disk
+	for i := range ndisks {
+		dev := fmt.Sprintf("vd%c", 'b'+i)
+		disks = append(disks, virttest.Disk{Device: dev, File: ext4Image(t, dir, dev)})
+	}
+	return newGuestOn(t, dir, disks, cmdline...)
+}
+
+// ext4Image makes an empty ext4 filesystem of 64 MiB labelled dev, as a
+// qcow2 file in dir, and returns its path.
+func ext4Image(t testing.TB, dir, dev string) string {
+	t.Helper()
+	raw := filepath.Join(dir, dev+".raw")
+	img := filepath.Join(dir, dev+".qcow2")
+	run(t, "truncate", "-s", "64M", raw)
+	run(t, "mkfs.ext4", "-q", "-F", "-L", dev, raw)
+	run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, img)
+	os.Remove(raw)
+	return img
+}
+
+// newGuestOn is newGuest on given qcow2 disks (ext4 filesystems labelled
+// with their device names), with its console in dir.
+func newGuestOn(t testing.TB, dir string, disks []virttest.Disk, cmdline ...string) *guest {
+	t.Helper()
 	conn, err := libvirt.NewConnect(testURI)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	g := &guest{t: t, dir: t.TempDir(), disks: map[string]string{}, conn: conn}
+	g := &guest{t: t, dir: dir, disks: map[string]string{}, conn: conn}
 	g.name = fmt.Sprintf("snapfs-%s-%d", strings.NewReplacer("/", "-", "_", "-").Replace(t.Name()), time.Now().UnixNano()%100000)
 	g.console = filepath.Join(g.dir, "console.log")
-	var disks []virttest.Disk
-	for i := range ndisks {
-		dev := fmt.Sprintf("vd%c", 'b'+i)
-		raw := filepath.Join(g.dir, dev+".raw")
-		img := filepath.Join(g.dir, dev+".qcow2")
-		run(t, "truncate", "-s", "64M", raw)
-		run(t, "mkfs.ext4", "-q", "-F", "-L", dev, raw)
-		run(t, "qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, img)
-		os.Remove(raw)
-		g.disks[dev] = img
-		disks = append(disks, virttest.Disk{Device: dev, File: img})
+	for _, d := range disks {
+		g.disks[d.Device] = d.File
 	}
 	doc := virttest.DomainXML(g.name, guestDir, g.console, disks, cmdline...)
 	g.dom, err = conn.DomainDefineXML(doc)

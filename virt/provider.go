@@ -63,6 +63,11 @@ type Config struct {
 	// VolumeOf maps a disk file to the snapfs volume it belongs to (a
 	// file of the local store), if any; nil maps none.
 	VolumeOf func(path string) (volume string, ok bool)
+	// Store is the local store whose volume heads domains may run off:
+	// a snapshot of such a disk has the store make the new head and
+	// record the snapshot as the volume's (see ExternalHeads). Nil: such
+	// disks are snapshotted like any other file.
+	Store ExternalHeads
 	// Pools returns the backend of an RBD pool, through which the RBD disks
 	// of domains are snapshotted; nil, or false, makes RBD disks
 	// unsupported.
@@ -73,6 +78,20 @@ type Config struct {
 	// Logf logs what a caller cannot be told (a background thaw); log.Printf
 	// when nil.
 	Logf func(format string, args ...any)
+}
+
+// ExternalHeads is what the provider needs of the local store
+// (*snapshot.LocalStore) for disks that are its volumes' heads.
+type ExternalHeads interface {
+	// PrepareExternalHead makes the new head qemu switches to.
+	PrepareExternalHead(ctx context.Context, headPath, name string, opts snapshot.SnapshotOptions) (*snapshot.ExternalHead, error)
+	// DeleteSnapshot deletes a volume's snapshot (rmdir of a shut-off
+	// domain's snapshot).
+	DeleteSnapshot(ctx context.Context, volume, name string) error
+	// Revert makes a volume's head read as its snapshot again, in a new
+	// head file (revert of a shut-off domain), which Volume then names.
+	Revert(ctx context.Context, volume, name string) error
+	Volume(ctx context.Context, name string) (snapshot.Volume, error)
 }
 
 // Provider is the libvirt [snapshot.InstanceProvider]: the domains of one

@@ -76,6 +76,10 @@ type DiskRecord struct {
 	Pool   string `json:"pool,omitempty"`
 	Image  string `json:"image,omitempty"`
 	Volume string `json:"volume,omitempty"`
+	// Store says that Layer is Volume's snapshot of the same name in the
+	// local store, and Overlay the head the store made: the store owns
+	// both files, and deletes the snapshot.
+	Store bool `json:"store,omitempty"`
 	// Merged is set by a delete once this disk's layer has been merged
 	// with its child (Child), which a later delete must not merge again.
 	Merged bool   `json:"merged,omitempty"`

@@ -70,8 +70,23 @@ func (p *Provider) Revert(ctx context.Context, instance, name string) error {
 		}
 	}()
 	for _, d := range rec.Disks {
-		switch d.Kind {
-		case FileDisk:
+		switch {
+		case d.Kind == FileDisk && d.Store:
+			// The store reverts its volume (a new head), and the
+			// domain is pointed at that head.
+			if p.cfg.Store == nil {
+				return fmt.Errorf("%w: instance %q: disk %s is volume %q of a local store that is not open",
+					snapshot.ErrUnsupported, instance, d.Device, d.Volume)
+			}
+			if err := p.cfg.Store.Revert(ctx, d.Volume, name); err != nil {
+				return fmt.Errorf("instance %q: revert disk %s: %w", instance, d.Device, err)
+			}
+			v, err := p.cfg.Store.Volume(ctx, d.Volume)
+			if err != nil {
+				return fmt.Errorf("instance %q: revert disk %s: %w", instance, d.Device, err)
+			}
+			newSources[d.Device] = diskFile{v.HeadPath, "qcow2"}
+		case d.Kind == FileDisk:
 			if _, ok := current[d.Device]; !ok {
 				return fmt.Errorf("%w: instance %q has no file disk %s any more", snapshot.ErrNotFound, instance, d.Device)
 			}
@@ -81,7 +96,7 @@ func (p *Provider) Revert(ctx context.Context, instance, name string) error {
 			}
 			made = append(made, overlay)
 			newSources[d.Device] = diskFile{overlay, "qcow2"}
-		case RBDDisk:
+		case d.Kind == RBDDisk:
 			backend, ok := p.pool(d.Pool)
 			if !ok {
 				return fmt.Errorf("%w: RBD pool %q of disk %s is not mounted", snapshot.ErrUnsupported, d.Pool, d.Device)

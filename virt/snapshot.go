@@ -65,6 +65,9 @@ type plannedDisk struct {
 	Disk
 	overlay string           // file disks: the new overlay
 	backend snapshot.Backend // RBD disks: the pool's backend
+	// head is set for a file disk that is a local-store volume's head:
+	// the store prepared overlay, and commits the switch (Config.Store).
+	head *snapshot.ExternalHead
 }
 
 // snapshot is SnapshotDisks; held, when set, is a freeze the caller made
@@ -121,20 +124,27 @@ func (p *Provider) snapshot(ctx context.Context, domain, name string, opts Snaps
 	}
 
 	// The overlays are made now, outside the frozen window: libvirt then
-	// only has to open them (REUSE_EXT), not create them through qemu.
-	if err := createOverlays(dom, plan); err != nil {
-		return Record{}, fmt.Errorf("instance %q: %w", domain, err)
-	}
+	// only has to open them (REUSE_EXT), not create them through qemu. A
+	// local-store volume's head gets its overlay from the store, which
+	// stays the judge of which file is the head.
 	kept := false
 	defer func() {
 		if !kept {
 			for _, d := range plan {
-				if d.overlay != "" {
+				if d.head != nil {
+					d.head.Abort()
+				} else if d.overlay != "" {
 					os.Remove(d.overlay)
 				}
 			}
 		}
 	}()
+	if err := p.prepareHeads(ctx, plan, name, opts.Metadata); err != nil {
+		return Record{}, fmt.Errorf("instance %q: %w", domain, err)
+	}
+	if err := createOverlays(dom, plan); err != nil {
+		return Record{}, fmt.Errorf("instance %q: %w", domain, err)
+	}
 
 	requireQuiesce := (p.cfg.RequireQuiesce || opts.RequireQuiesce) && !opts.NoFreeze && !opts.Memory
 	var f *frozen
@@ -198,12 +208,29 @@ func (p *Provider) snapshot(ctx context.Context, domain, name string, opts Snaps
 
 	// qemu writes to the overlays now: they stay whatever happens next.
 	kept = true
+	var storeErr error
+	for _, d := range plan {
+		if d.head == nil {
+			continue
+		}
+		if err := d.head.Commit(ctx, rec.Consistency); err != nil {
+			// The store commits it when it is next opened: qemu
+			// writes to the prepared head (see PrepareExternalHead).
+			p.cfg.Logf("virt: instance %q: snapshot %q: disk %s: %v", domain, name, d.Device, err)
+			storeErr = errors.Join(storeErr, fmt.Errorf("disk %s: the store did not record the snapshot: %w", d.Device, err))
+		}
+	}
 	for _, d := range plan {
 		dr := DiskRecord{Device: d.Device, Kind: d.Kind, Format: d.Format, Volume: d.Volume}
 		switch d.Kind {
 		case FileDisk:
 			dr.Layer, dr.Overlay = d.Path, d.overlay
-			recs.Created = append(recs.Created, d.overlay)
+			if d.head != nil {
+				// The store's files: the store removes them.
+				dr.Store = true
+			} else {
+				recs.Created = append(recs.Created, d.overlay)
+			}
 		case RBDDisk:
 			dr.Layer, dr.Pool, dr.Image = "rbd:"+d.Pool+"/"+d.Image+"@"+name, d.Pool, d.Image
 		}
@@ -217,7 +244,10 @@ func (p *Provider) snapshot(ctx context.Context, domain, name string, opts Snaps
 	if err := p.records.save(recs); err != nil {
 		// The overlays exist and qemu writes to them: the chain is
 		// sound, only the record of this snapshot is lost.
-		return Record{}, fmt.Errorf("instance %q: snapshot %q taken but not recorded: %w", domain, name, err)
+		return Record{}, fmt.Errorf("instance %q: snapshot %q taken but not recorded: %w", domain, name, errors.Join(err, storeErr))
+	}
+	if storeErr != nil {
+		return Record{}, fmt.Errorf("instance %q: snapshot %q: %w", domain, name, storeErr)
 	}
 	if held != nil {
 		held.mu.Lock()
@@ -357,7 +387,7 @@ func createOverlays(dom *libvirt.Domain, plan []plannedDisk) (err error) {
 		}
 	}()
 	for _, d := range plan {
-		if d.Kind != FileDisk {
+		if d.Kind != FileDisk || d.head != nil {
 			continue
 		}
 		info, err := dom.GetBlockInfo(d.Device, 0)
@@ -383,6 +413,33 @@ func createOverlays(dom *libvirt.Domain, plan []plannedDisk) (err error) {
 		if err != nil {
 			return fmt.Errorf("disk %s: overlay %s: %w", d.Device, d.overlay, err)
 		}
+	}
+	return nil
+}
+
+// prepareHeads asks the store for the new overlay of each file disk of a
+// plan that is a local-store volume's head (Config.Store): the store makes
+// it, in its own directory, and commits the switch once libvirt made it.
+func (p *Provider) prepareHeads(ctx context.Context, plan []plannedDisk, name string, meta map[string]string) error {
+	if p.cfg.Store == nil {
+		return nil
+	}
+	for i := range plan {
+		d := &plan[i]
+		if d.Kind != FileDisk || d.Volume == "" {
+			continue
+		}
+		if d.Format != "qcow2" {
+			return fmt.Errorf("%w: disk %s: volume %q is qcow2, the domain reads it as %q", snapshot.ErrInvalid, d.Device, d.Volume, d.Format)
+		}
+		h, err := p.cfg.Store.PrepareExternalHead(ctx, d.Path, name, snapshot.SnapshotOptions{Metadata: meta})
+		if errors.Is(err, snapshot.ErrNotFound) {
+			continue // no longer a head: an ordinary file disk
+		}
+		if err != nil {
+			return fmt.Errorf("disk %s (volume %q): %w", d.Device, d.Volume, err)
+		}
+		d.head, d.overlay = h, h.Path
 	}
 	return nil
 }

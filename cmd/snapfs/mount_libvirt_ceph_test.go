@@ -34,19 +34,7 @@ import (
 // is quiesced and its filesystem clean; rmdir removes it.
 func TestMountLibvirtCeph(t *testing.T) {
 	conf := startCeph(t)
-	guestDir, err := virttest.GuestDir()
-	if err != nil {
-		t.Fatal(err)
-	}
-	uri, stop, err := virttest.StartDaemon(libvirtScripts, guestDir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := stop(); err != nil {
-			t.Error(err)
-		}
-	})
+	uri, guestDir := startLibvirt(t)
 
 	// The RBD image: an ext4 filesystem, which the test guest mounts and
 	// writes to when it runs.

@@ -98,14 +98,11 @@ func TestMountLibvirtTestDriver(t *testing.T) {
 	}
 }
 
-// TestMountLibvirt is issue 6 through the real command: a running guest
-// of a real libvirtd (the project's scripts) with two ext4 data disks it
-// writes to; its disks show under instances/; mkdir takes a quiesced
-// snapshot (meta.json says so, with the domain XML); each disk's vdX.raw
-// reads exactly what `qemu-img convert` reads of the snapshot's layer
-// chain; rmdir on the running domain merges the layer (block commit); and
-// `snapfs instance revert` reverts the shut-off domain.
-func TestMountLibvirt(t *testing.T) {
+// startLibvirt builds the test guest (once: it is kept) and starts a
+// private libvirtd with the project's scripts, stopped when the test ends.
+// It returns the daemon's URI and the guest's directory.
+func startLibvirt(t *testing.T) (uri, guestDir string) {
+	t.Helper()
 	guestDir, err := virttest.GuestDir()
 	if err != nil {
 		t.Fatal(err)
@@ -122,6 +119,18 @@ func TestMountLibvirt(t *testing.T) {
 			t.Error(err)
 		}
 	})
+	return uri, guestDir
+}
+
+// TestMountLibvirt is issue 6 through the real command: a running guest
+// of a real libvirtd (the project's scripts) with two ext4 data disks it
+// writes to; its disks show under instances/; mkdir takes a quiesced
+// snapshot (meta.json says so, with the domain XML); each disk's vdX.raw
+// reads exactly what `qemu-img convert` reads of the snapshot's layer
+// chain; rmdir on the running domain merges the layer (block commit); and
+// `snapfs instance revert` reverts the shut-off domain.
+func TestMountLibvirt(t *testing.T) {
+	uri, guestDir := startLibvirt(t)
 
 	// The guest: two qcow2 data disks with ext4, as virt's tests make.
 	work := t.TempDir()
