@@ -66,7 +66,7 @@ func BenchmarkReadChain(b *testing.B) {
 	// depth8-librbd reads the last clone's head, where librbd walks the
 	// parents itself, for comparison.
 	for _, tc := range []struct{ name, vol, snap string }{{"flat", base, "s"}, {"depth8", parent, "s"}, {"depth8-librbd", parent, ""}} {
-		b.Run(tc.name, func(b *testing.B) {
+		open := func(b *testing.B) qcow.Image {
 			var im qcow.Image
 			var err error
 			if tc.snap != "" {
@@ -77,6 +77,10 @@ func BenchmarkReadChain(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
+			return im
+		}
+		b.Run(tc.name, func(b *testing.B) {
+			im := open(b)
 			defer im.Close()
 			buf := make([]byte, 1<<20)
 			b.SetBytes(size)
@@ -86,16 +90,7 @@ func BenchmarkReadChain(b *testing.B) {
 		})
 		// As the mount reads ahead: 2 MiB reads, 16 in flight.
 		b.Run(tc.name+"-mount", func(b *testing.B) {
-			var im qcow.Image
-			var err error
-			if tc.snap != "" {
-				im, err = p.OpenSnapshot(c, tc.vol, tc.snap)
-			} else {
-				im, err = p.OpenHead(c, tc.vol)
-			}
-			if err != nil {
-				b.Fatal(err)
-			}
+			im := open(b)
 			defer im.Close()
 			b.SetBytes(size)
 			for b.Loop() {

@@ -62,17 +62,7 @@ func TestMountLibvirtStoreHead(t *testing.T) {
 	t.Cleanup(func() { conn.Close() })
 	name := fmt.Sprintf("snapfs-storehead-%d", time.Now().UnixNano()%100000)
 	console := filepath.Join(work, "console.log")
-	dom, err := conn.DomainDefineXML(virttest.DomainXML(name, guestDir, console, []virttest.Disk{{Device: "vdb", File: oldHead}}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if active, _ := dom.IsActive(); active {
-			dom.Destroy()
-		}
-		dom.Undefine()
-		dom.Free()
-	})
+	dom := defineDomain(t, conn, virttest.DomainXML(name, guestDir, console, []virttest.Disk{{Device: "vdb", File: oldHead}}))
 	if err := dom.Create(); err != nil {
 		t.Fatal(err)
 	}

@@ -79,17 +79,7 @@ func TestMountLibvirtCeph(t *testing.T) {
       </source>
       <target dev='vdb' bus='virtio'/>
     </disk>`, secret, m[1]), 1)
-	dom, err := conn.DomainDefineXML(xml)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if active, _ := dom.IsActive(); active {
-			dom.Destroy()
-		}
-		dom.Undefine()
-		dom.Free()
-	})
+	dom := defineDomain(t, conn, xml)
 
 	store := t.TempDir()
 	mnt := filepath.Join(t.TempDir(), "mnt")

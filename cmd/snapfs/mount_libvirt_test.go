@@ -122,6 +122,24 @@ func startLibvirt(t *testing.T) (uri, guestDir string) {
 	return uri, guestDir
 }
 
+// defineDomain defines a domain from xml, destroyed (if running) and
+// undefined when the test ends.
+func defineDomain(t *testing.T, conn *libvirt.Connect, xml string) *libvirt.Domain {
+	t.Helper()
+	dom, err := conn.DomainDefineXML(xml)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if active, _ := dom.IsActive(); active {
+			dom.Destroy()
+		}
+		dom.Undefine()
+		dom.Free()
+	})
+	return dom
+}
+
 // TestMountLibvirt is issue 6 through the real command: a running guest
 // of a real libvirtd (the project's scripts) with two ext4 data disks it
 // writes to; its disks show under instances/; mkdir takes a quiesced
@@ -150,17 +168,7 @@ func TestMountLibvirt(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	dom, err := conn.DomainDefineXML(virttest.DomainXML(name, guestDir, filepath.Join(work, "console.log"), disks))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if active, _ := dom.IsActive(); active {
-			dom.Destroy()
-		}
-		dom.Undefine()
-		dom.Free()
-	})
+	dom := defineDomain(t, conn, virttest.DomainXML(name, guestDir, filepath.Join(work, "console.log"), disks))
 	if err := dom.Create(); err != nil {
 		t.Fatal(err)
 	}
