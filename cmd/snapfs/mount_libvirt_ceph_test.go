@@ -5,7 +5,6 @@ package main
 import (
 	"bytes"
 	"encoding/base64"
-	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -129,15 +128,9 @@ func TestMountLibvirtCeph(t *testing.T) {
 				} `json:"disks"`
 			} `json:"provider"`
 		}
-		data, err := os.ReadFile(filepath.Join(snap, "meta.json"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := json.Unmarshal(data, &meta); err != nil {
-			t.Fatalf("meta.json: %v\n%s", err, data)
-		}
+		readJSON(t, filepath.Join(snap, "meta.json"), &meta)
 		if meta.Consistency != consistency || len(meta.Provider.Disks) != 2 {
-			t.Fatalf("meta.json: want %s, 2 disks:\n%s", consistency, data)
+			t.Fatalf("meta.json: %s, %d disks, want %s, 2 disks", meta.Consistency, len(meta.Provider.Disks), consistency)
 		}
 		layers := map[string]string{}
 		for _, d := range meta.Provider.Disks {

@@ -122,6 +122,18 @@ func startLibvirt(t *testing.T) (uri, guestDir string) {
 	return uri, guestDir
 }
 
+// readJSON decodes the JSON file at path into v.
+func readJSON(t *testing.T, path string, v any) {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(data, v); err != nil {
+		t.Fatalf("%s: %v\n%s", path, err, data)
+	}
+}
+
 // defineDomain defines a domain from xml, destroyed (if running) and
 // undefined when the test ends.
 func defineDomain(t *testing.T, conn *libvirt.Connect, xml string) *libvirt.Domain {
@@ -221,17 +233,11 @@ func TestMountLibvirt(t *testing.T) {
 			} `json:"disks"`
 		} `json:"provider"`
 	}
-	data, err := os.ReadFile(filepath.Join(snap, "meta.json"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := json.Unmarshal(data, &meta); err != nil {
-		t.Fatalf("meta.json: %v\n%s", err, data)
-	}
+	readJSON(t, filepath.Join(snap, "meta.json"), &meta)
 	if meta.Kind != "instance-snapshot" || meta.Consistency != "quiesced" || meta.Frozen <= 0 ||
 		len(meta.Disks) != 2 || meta.Disks[0].Size != 64<<20 ||
 		!strings.Contains(meta.Provider.DomainXML, "<name>"+name+"</name>") || len(meta.Provider.Disks) != 2 {
-		t.Fatalf("meta.json: %s", data)
+		t.Fatalf("meta.json: %+v", meta)
 	}
 	for _, d := range meta.Provider.Disks {
 		want := qemutest.ConvertRawFile(t, d.Layer)
