@@ -187,14 +187,23 @@ func (f *osFile) contentKey() contentKey { return f.key }
 
 // OpenFile opens a local file read-only as a File.
 func OpenFile(path string) (File, error) {
+	f, _, err := openFile(path)
+	if err != nil {
+		return nil, err // not a nil *osFile in a non-nil File
+	}
+	return f, nil
+}
+
+// openFile is OpenFile, which also returns what fstat said of the file.
+func openFile(path string) (*osFile, os.FileInfo, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	st, err := f.Stat()
 	if err != nil {
 		f.Close()
-		return nil, err
+		return nil, nil, err
 	}
 	size := st.Size()
 	if !st.Mode().IsRegular() {
@@ -203,7 +212,7 @@ func OpenFile(path string) (File, error) {
 			size = end
 		}
 	}
-	return &osFile{File: f, size: size}, nil
+	return &osFile{File: f, size: size}, st, nil
 }
 
 // OpenImmutableFile is OpenFile for a file that is never written while
@@ -213,18 +222,12 @@ func OpenFile(path string) (File, error) {
 // The key of the sharing includes the modification and change times, so
 // a file that is rewritten after all is read afresh by later opens.
 func OpenImmutableFile(path string) (File, error) {
-	f, err := OpenFile(path)
+	f, st, err := openFile(path)
 	if err != nil {
-		return nil, err
-	}
-	of := f.(*osFile)
-	st, err := of.Stat()
-	if err != nil {
-		f.Close()
 		return nil, err
 	}
 	if sys, ok := st.Sys().(*syscall.Stat_t); ok && st.Mode().IsRegular() {
-		of.key = contentKey{
+		f.key = contentKey{
 			dev: uint64(sys.Dev), ino: sys.Ino, size: sys.Size,
 			mtimeNsec: sys.Mtim.Nano(), ctimeNsec: sys.Ctim.Nano(),
 		}

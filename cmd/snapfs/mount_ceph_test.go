@@ -72,7 +72,7 @@ func TestMountCeph(t *testing.T) {
 	mnt := filepath.Join(t.TempDir(), "mnt")
 	t.Setenv("TMPDIR", t.TempDir())
 	startMount(t, "", mnt, "--ceph-conf", conf, "--pool", "rbd")
-	if entries := readDirNames(t, mnt); !slices.Equal(entries, []string{"import", "instances", "pools", "volumes"}) {
+	if entries := listNames(t, mnt); !slices.Equal(entries, []string{"import", "instances", "pools", "volumes"}) {
 		t.Errorf("ls of the mount: %q", entries)
 	}
 	if err := os.Mkdir(filepath.Join(mnt, "volumes/vm1/snapshots/s1"), 0o755); err != nil {
@@ -116,20 +116,6 @@ func TestMountCeph(t *testing.T) {
 	}
 }
 
-// readDirNames returns the names in dir, sorted.
-func readDirNames(t *testing.T, dir string) []string {
-	t.Helper()
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var names []string
-	for _, e := range entries {
-		names = append(names, e.Name())
-	}
-	return names
-}
-
 // TestMountCephPools mounts the local store and two pools at once: the
 // root is the local store, each pool is under pools/POOL/, imports and
 // snapshots go to the tree they are made in, and a clone in one pool of a
@@ -148,11 +134,11 @@ func TestMountCephPools(t *testing.T) {
 
 	store, mnt := t.TempDir(), filepath.Join(t.TempDir(), "mnt")
 	startMount(t, store, mnt, "--ceph-conf", conf, "--pool", "rbd,ssd")
-	if got := readDirNames(t, filepath.Join(mnt, "pools")); !slices.Equal(got, []string{"rbd", "ssd"}) {
+	if got := listNames(t, filepath.Join(mnt, "pools")); !slices.Equal(got, []string{"rbd", "ssd"}) {
 		t.Fatalf("ls pools: %q", got)
 	}
 	for _, pool := range []string{"rbd", "ssd"} {
-		if got := readDirNames(t, filepath.Join(mnt, "pools", pool)); !slices.Equal(got, []string{"import", "volumes"}) {
+		if got := listNames(t, filepath.Join(mnt, "pools", pool)); !slices.Equal(got, []string{"import", "volumes"}) {
 			t.Errorf("ls pools/%s: %q", pool, got)
 		}
 	}
@@ -166,10 +152,10 @@ func TestMountCephPools(t *testing.T) {
 	}
 	cp("import/local1")
 	cp("pools/ssd/import/fast1")
-	if got := readDirNames(t, filepath.Join(mnt, "volumes")); !slices.Equal(got, []string{"local1"}) {
+	if got := listNames(t, filepath.Join(mnt, "volumes")); !slices.Equal(got, []string{"local1"}) {
 		t.Errorf("ls volumes (the local store): %q", got)
 	}
-	if got := readDirNames(t, filepath.Join(mnt, "pools/rbd/volumes")); !slices.Equal(got, []string{"base"}) {
+	if got := listNames(t, filepath.Join(mnt, "pools/rbd/volumes")); !slices.Equal(got, []string{"base"}) {
 		t.Errorf("ls pools/rbd/volumes: %q", got)
 	}
 	if got := strings.Fields(string(rbd(t, conf, "ls", "ssd"))); !slices.Equal(got, []string{"fast1"}) {
@@ -276,7 +262,7 @@ func TestMountCephOSDStopped(t *testing.T) {
 	}
 	// The mount answers: its root at once, a listing of the pool with an
 	// error in time.
-	if got := readDirNames(t, mnt); len(got) != 4 {
+	if got := listNames(t, mnt); len(got) != 4 {
 		t.Errorf("ls of the mount with the OSD stopped: %q", got)
 	}
 	start = time.Now()
@@ -309,7 +295,7 @@ func TestMountCephOSDStopped(t *testing.T) {
 	if err != nil || !bytes.Equal(got, data) {
 		t.Errorf("disk.raw after the OSD came back: %d bytes, %v", len(got), err)
 	}
-	if got := readDirNames(t, filepath.Join(mnt, "volumes")); !slices.Equal(got, []string{"vm"}) {
+	if got := listNames(t, filepath.Join(mnt, "volumes")); !slices.Equal(got, []string{"vm"}) {
 		t.Errorf("ls volumes after the OSD came back: %q", got)
 	}
 }

@@ -32,21 +32,6 @@ func init() {
 // libvirtScripts is the project's scripts/libvirt, from this directory.
 const libvirtScripts = "../../scripts/libvirt"
 
-// listNames returns the names in dir, sorted.
-func listNames(t *testing.T, dir string) []string {
-	t.Helper()
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var names []string
-	for _, e := range entries {
-		names = append(names, e.Name())
-	}
-	slices.Sort(names)
-	return names
-}
-
 // TestMountLibvirtTestDriver checks the wiring on libvirt's test driver
 // (in-process, no daemon): its domain shows under instances/ next to the
 // local store's instance, with its disk linked to its file; an explicit

@@ -105,6 +105,20 @@ func (p *mountProc) waitExit(t *testing.T) error {
 	}
 }
 
+// listNames returns the names in dir, sorted (as os.ReadDir sorts them).
+func listNames(t *testing.T, dir string) []string {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range entries {
+		names = append(names, e.Name())
+	}
+	return names
+}
+
 func TestMountSignals(t *testing.T) {
 	store, dir := t.TempDir(), filepath.Join(t.TempDir(), "mnt")
 	for _, sig := range []syscall.Signal{syscall.SIGINT, syscall.SIGTERM} {
