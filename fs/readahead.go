@@ -41,8 +41,8 @@ const (
 	raPoolChunks = 24
 )
 
-// chunkPool hands out the buffers of read-ahead chunks, at most max of them
-// at a time. Buffers that come back are kept for the next reader: memory
+// chunkPool hands out buffers of one size, at most max of them at a time:
+// the chunks read ahead here, and the writes queued by write_behind.go. Buffers that come back are kept for the next reader: memory
 // that was touched once is cheaper to fill than new memory. They are mapped
 // outside the Go heap: in it, they would double the garbage collector's
 // heap goal, and the mount's resident memory with it.

@@ -49,6 +49,10 @@ func lockStaging(f *os.File, typ int16) error {
 // and the store's fsync of the file it takes over waits only for what is
 // left.
 //
+// Writes are answered before they reach the file (write_behind.go):
+// whatever reads the file or its size waits for them first, and closeWrite
+// returns the first that failed.
+//
 // A stagedFile is not safe for concurrent use: its owner serialises
 // calls (importFile.mu).
 type stagedFile struct {
@@ -56,8 +60,9 @@ type stagedFile struct {
 	// keep is read-only: stat, reads, and the staging lock of a file of
 	// its own.
 	keep *os.File
-	// write is nil while closed.
-	write *os.File
+	// write and behind, which writes to it, are nil while closed.
+	write  *os.File
+	behind *writeBehind
 }
 
 // createStaging creates, opens for writing and locks a new staging file
@@ -106,7 +111,7 @@ func newStagedFile(w *os.File, lock bool) (*stagedFile, error) {
 			return nil, fmt.Errorf("locking %s: %w", w.Name(), err)
 		}
 	}
-	return &stagedFile{path: w.Name(), keep: keep, write: w}, nil
+	return &stagedFile{path: w.Name(), keep: keep, write: w, behind: newWriteBehind(w, writePool)}, nil
 }
 
 // openWrite opens the write descriptor again, for a new writer.
@@ -119,30 +124,47 @@ func (s *stagedFile) openWrite() error {
 		return err
 	}
 	s.write = w
+	s.behind = newWriteBehind(w, writePool)
 	return nil
 }
 
-// closeWrite closes the write descriptor: the file is complete, for now.
-// An error of close (a write-back error of NFS, say) is the writer's.
+// closeWrite writes what is queued and closes the write descriptor: the
+// file is complete, for now. A write that failed, or an error of close (a
+// write-back error of NFS, say), is the writer's.
 func (s *stagedFile) closeWrite() error {
 	if s.write == nil {
 		return nil
 	}
-	err := s.write.Close()
-	s.write = nil
+	err := s.behind.stop()
+	if cerr := s.write.Close(); err == nil {
+		err = cerr
+	}
+	s.write, s.behind = nil, nil
 	return err
 }
 
-// WriteAt writes p at off.
+// WriteAt writes p at off, or queues it: see write_behind.go.
 func (s *stagedFile) WriteAt(p []byte, off int64) (int, error) {
 	if s.write == nil {
 		return 0, syscall.EBADF
 	}
-	return s.write.WriteAt(p, off)
+	return s.behind.WriteAt(p, off)
 }
 
-// ReadAt reads what was written so far.
-func (s *stagedFile) ReadAt(p []byte, off int64) (int, error) { return s.keep.ReadAt(p, off) }
+// drain waits for the writes queued, and returns the first that failed.
+func (s *stagedFile) drain() error {
+	if s.behind == nil {
+		return nil
+	}
+	return s.behind.drain()
+}
+
+// ReadAt reads what was written so far. A failed write is not the
+// reader's error: it reads what the file holds.
+func (s *stagedFile) ReadAt(p []byte, off int64) (int, error) {
+	s.drain()
+	return s.keep.ReadAt(p, off)
+}
 
 // Truncate sets the size of the file, which need not be open for
 // writing (truncate(1) of a file already closed).
@@ -150,14 +172,24 @@ func (s *stagedFile) Truncate(size int64) error {
 	if s.write == nil {
 		return os.Truncate(s.path, size)
 	}
+	if err := s.drain(); err != nil {
+		return err
+	}
 	return s.write.Truncate(size)
 }
 
 // Sync makes what was written durable.
-func (s *stagedFile) Sync() error { return s.keep.Sync() }
+func (s *stagedFile) Sync() error {
+	if err := s.drain(); err != nil {
+		return err
+	}
+	return s.keep.Sync()
+}
 
-// stat returns the size and the allocated bytes of the file.
+// stat returns the size and the allocated bytes of the file, once the
+// writes queued are in it.
 func (s *stagedFile) stat() (size, allocated int64, err error) {
+	s.drain()
 	var st syscall.Stat_t
 	if err := syscall.Fstat(int(s.keep.Fd()), &st); err != nil {
 		return 0, 0, err
