@@ -43,15 +43,9 @@ func lockStaging(f *os.File, typ int16) error {
 // write descriptor is open while a writer has it open (openWrite,
 // closeWrite); keep stays open until the file is dropped.
 //
-// Writes go through the page cache, as qemu-img's do: measured against
-// O_DIRECT (with the copy into aligned memory that go-fuse's buffers
-// need), they are faster, since the kernel writes back while cp goes on,
-// and the store's fsync of the file it takes over waits only for what is
-// left.
-//
-// Writes are answered before they reach the file (write_behind.go):
-// whatever reads the file or its size waits for them first, and closeWrite
-// returns the first that failed.
+// Writes are answered before they reach the file, and most are direct
+// (write_behind.go): whatever reads the file or its size waits for them
+// first, and closeWrite returns the first that failed.
 //
 // A stagedFile is not safe for concurrent use: its owner serialises
 // calls (importFile.mu).
@@ -60,8 +54,11 @@ type stagedFile struct {
 	// keep is read-only: stat, reads, and the staging lock of a file of
 	// its own.
 	keep *os.File
-	// write and behind, which writes to it, are nil while closed.
+	// write, direct (the same with O_DIRECT, nil if the filesystem
+	// refuses it) and behind, which writes through them, are nil while
+	// closed.
 	write  *os.File
+	direct *os.File
 	behind *writeBehind
 }
 
@@ -111,7 +108,16 @@ func newStagedFile(w *os.File, lock bool) (*stagedFile, error) {
 			return nil, fmt.Errorf("locking %s: %w", w.Name(), err)
 		}
 	}
-	return &stagedFile{path: w.Name(), keep: keep, write: w, behind: newWriteBehind(w, writePool)}, nil
+	s := &stagedFile{path: w.Name(), keep: keep}
+	s.startWriting(w)
+	return s, nil
+}
+
+// startWriting takes w as the write descriptor, and opens the direct one.
+func (s *stagedFile) startWriting(w *os.File) {
+	s.write = w
+	s.direct, _ = os.OpenFile(s.path, os.O_WRONLY|syscall.O_DIRECT|syscall.O_NOFOLLOW, 0)
+	s.behind = newWriteBehind(s.write, s.direct, writePool)
 }
 
 // openWrite opens the write descriptor again, for a new writer.
@@ -123,8 +129,7 @@ func (s *stagedFile) openWrite() error {
 	if err != nil {
 		return err
 	}
-	s.write = w
-	s.behind = newWriteBehind(w, writePool)
+	s.startWriting(w)
 	return nil
 }
 
@@ -136,10 +141,15 @@ func (s *stagedFile) closeWrite() error {
 		return nil
 	}
 	err := s.behind.stop()
+	if s.direct != nil {
+		if cerr := s.direct.Close(); err == nil {
+			err = cerr
+		}
+	}
 	if cerr := s.write.Close(); err == nil {
 		err = cerr
 	}
-	s.write, s.behind = nil, nil
+	s.write, s.direct, s.behind = nil, nil, nil
 	return err
 }
 

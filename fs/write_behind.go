@@ -15,6 +15,15 @@ import (
 // per file writes the buffers in order behind it, as qemu-img convert
 // keeps its writes in flight while it reads.
 //
+// The writes the goroutine makes are direct (O_DIRECT) when the file's
+// filesystem takes them and the write is aligned (cp's are): no page cache
+// is filled, so the goroutine's CPU stays free for cp, the disk is busy
+// while cp reads, and the store's fsync of the file finds nothing left to
+// write. Measured in mountbench's case 4 against buffered writes behind
+// cp, and against direct writes that cp waited for (slower than both:
+// the disk then idled while cp read). Other writes go through the page
+// cache; the kernel keeps the two coherent.
+//
 // The first failure (a full disk) is kept: the next write, the import
 // (closeWrite) and fsync return it, so cp and close(2) report it.
 // Everything that reads the file or its size waits for the writes
@@ -38,8 +47,11 @@ var writePool = &chunkPool{size: ioBlockSize, max: writePoolBuffers}
 // safe for concurrent use (stagedFile's owner serialises them), but they
 // run concurrently with the goroutine that writes.
 type writeBehind struct {
-	f    *os.File
-	pool *chunkPool
+	f *os.File
+	// direct writes to the same file with O_DIRECT; nil when its
+	// filesystem does not take them.
+	direct *os.File
+	pool   *chunkPool
 	// queue holds the writes not yet written, in the order they came,
 	// at most fileQueue: a send waits while it is full.
 	queue chan queuedWrite
@@ -59,10 +71,25 @@ type queuedWrite struct {
 	off int64
 }
 
-func newWriteBehind(f *os.File, pool *chunkPool) *writeBehind {
-	w := &writeBehind{f: f, pool: pool, queue: make(chan queuedWrite, fileQueue), stopped: make(chan struct{})}
+// directAlign is the alignment of the offset and length of a direct
+// write: the page size, which every filesystem's direct I/O takes (the
+// buffers, from the pool, are mapped pages).
+const directAlign = 4096
+
+func newWriteBehind(f, direct *os.File, pool *chunkPool) *writeBehind {
+	w := &writeBehind{f: f, direct: direct, pool: pool, queue: make(chan queuedWrite, fileQueue), stopped: make(chan struct{})}
 	go w.run()
 	return w
+}
+
+// write writes one queued write, directly if it can.
+func (w *writeBehind) write(q queuedWrite) error {
+	f := w.f
+	if w.direct != nil && q.off%directAlign == 0 && q.n%directAlign == 0 {
+		f = w.direct
+	}
+	_, err := f.WriteAt(q.buf[:q.n], q.off)
+	return err
 }
 
 // run writes the queued writes in order until the queue is closed. Once
@@ -72,7 +99,7 @@ func (w *writeBehind) run() {
 	defer close(w.stopped)
 	for q := range w.queue {
 		if w.failed() == nil {
-			if _, err := w.f.WriteAt(q.buf[:q.n], q.off); err != nil {
+			if err := w.write(q); err != nil {
 				w.fail(err)
 			}
 		}
