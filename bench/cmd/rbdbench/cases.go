@@ -27,6 +27,10 @@ type sample struct {
 	time  time.Duration
 	rssKB int64
 	bytes int64
+	// cpu is the CPU time of the client side: the command, plus the FUSE
+	// server for a mount; osdCPU the OSD's during the run. On a machine
+	// whose few cores the OSD shares, they say what bounds the times.
+	cpu, osdCPU time.Duration
 }
 
 func (s sample) throughput() float64 { return measure.MiBps(s.bytes, s.time) }
@@ -36,6 +40,12 @@ func (s sample) throughput() float64 { return measure.MiBps(s.bytes, s.time) }
 func (b *bench) measureSides(size int64, sides []side) ([]sample, error) {
 	times := make([][]time.Duration, len(sides))
 	rss := make([][]time.Duration, len(sides)) // KiB, as durations for Median
+	cpu := make([][]time.Duration, len(sides))
+	osdCPU := make([][]time.Duration, len(sides))
+	osd, err := b.c.osdPID()
+	if err != nil {
+		return nil, err
+	}
 	for range b.cfg.runs {
 		for i, s := range sides {
 			if b.cold {
@@ -51,9 +61,28 @@ func (b *bench) measureSides(size int64, sides []side) ([]sample, error) {
 				measure.ResetPeakRSS(server.PID())
 			}
 			cmd.Stdout = nil // /dev/null
+			// CPU times are read before and after: the server's
+			// and the OSD's span more than the run.
+			var serverStart, osdStart, serverUsed, osdUsed time.Duration
+			if server != nil {
+				serverStart, err = measure.ProcessCPU(server.PID())
+			}
+			if err == nil {
+				osdStart, err = measure.ProcessCPU(osd)
+			}
+			if err != nil {
+				done()
+				return nil, err
+			}
 			r, err := measure.Run(cmd)
 			if server != nil && err == nil {
 				r.PeakRSSKB, err = measure.PeakRSS(server.PID())
+				if err == nil {
+					serverUsed, err = cpuSince(server.PID(), serverStart)
+				}
+			}
+			if err == nil {
+				osdUsed, err = cpuSince(osd, osdStart)
 			}
 			if doneErr := done(); err == nil {
 				err = doneErr
@@ -63,13 +92,23 @@ func (b *bench) measureSides(size int64, sides []side) ([]sample, error) {
 			}
 			times[i] = append(times[i], r.Time)
 			rss[i] = append(rss[i], time.Duration(r.PeakRSSKB))
+			cpu[i] = append(cpu[i], r.CPU+serverUsed)
+			osdCPU[i] = append(osdCPU[i], osdUsed)
 		}
 	}
 	out := make([]sample, len(sides))
 	for i := range sides {
-		out[i] = sample{time: measure.Median(times[i]), rssKB: int64(measure.Median(rss[i])), bytes: size}
+		out[i] = sample{time: measure.Median(times[i]), rssKB: int64(measure.Median(rss[i])), bytes: size,
+			cpu: measure.Median(cpu[i]), osdCPU: measure.Median(osdCPU[i])}
 	}
 	return out, nil
+}
+
+// cpuSince returns the CPU time process pid has used since it had used
+// start.
+func cpuSince(pid int, start time.Duration) (time.Duration, error) {
+	now, err := measure.ProcessCPU(pid)
+	return now - start, err
 }
 
 // mountSnapfs mounts the pool with snapfs, its root showing the pool.
@@ -275,16 +314,18 @@ func (b *bench) mkdirLatency() error {
 	return nil
 }
 
-// tableRow lays out one row of a results table: what, time, MiB/s, peak RSS.
-const tableRow = "  %-48s %9s %9s %10s\n"
+// tableRow lays out one row of a results table: what, time, MiB/s, peak
+// RSS, client CPU, OSD CPU.
+const tableRow = "  %-48s %9s %9s %10s %11s %9s\n"
 
 func (b *bench) header() {
-	fmt.Fprintf(b.out, tableRow, "", "time", "MiB/s", "peak RSS")
+	fmt.Fprintf(b.out, tableRow, "", "time", "MiB/s", "peak RSS", "client CPU", "OSD CPU")
 }
 
 func (b *bench) row(name string, s sample) {
 	fmt.Fprintf(b.out, tableRow, name, fmt.Sprintf("%.2f s", s.time.Seconds()),
-		fmt.Sprintf("%.0f", s.throughput()), measure.FormatSize(s.rssKB<<10))
+		fmt.Sprintf("%.0f", s.throughput()), measure.FormatSize(s.rssKB<<10),
+		fmt.Sprintf("%.2f s", s.cpu.Seconds()), fmt.Sprintf("%.2f s", s.osdCPU.Seconds()))
 }
 
 // ratio prints a ratio against its target (op: ">=" or "<=") and records

@@ -46,6 +46,20 @@ func (c *cluster) stop() error {
 	return nil
 }
 
+// osdPID returns the process ID of the cluster's OSD, from the PID file
+// its start script configured.
+func (c *cluster) osdPID() (int, error) {
+	data, err := os.ReadFile(filepath.Join(c.dir, "run", "osd.0.pid"))
+	if err != nil {
+		return 0, fmt.Errorf("the OSD's PID: %w", err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(data)))
+	if err != nil {
+		return 0, fmt.Errorf("the OSD's PID file: %w", err)
+	}
+	return pid, nil
+}
+
 // command returns a Ceph tool's command against the cluster.
 func (c *cluster) command(tool string, args ...string) *exec.Cmd {
 	return exec.CommandContext(c.ctx, tool, append([]string{"-c", c.conf}, args...)...)

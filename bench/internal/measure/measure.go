@@ -31,10 +31,11 @@ import (
 type Result struct {
 	Time      time.Duration // wall time, fsync of the outputs included
 	PeakRSSKB int64         // peak resident set of the child, in KiB
+	CPU       time.Duration // user and system CPU time of the child
 }
 
-// Run runs cmd to completion and returns its wall time and peak RSS (from
-// the child's rusage). Each path in sync is fsynced before the clock stops.
+// Run runs cmd to completion and returns its wall time, peak RSS and CPU
+// time (from the child's rusage). Each path in sync is fsynced before the clock stops.
 // Unless cmd.Stderr is set, the child's stderr is kept for the error.
 func Run(cmd *exec.Cmd, sync ...string) (Result, error) {
 	var stderr bytes.Buffer
@@ -53,6 +54,7 @@ func Run(cmd *exec.Cmd, sync ...string) (Result, error) {
 	r := Result{Time: time.Since(start)}
 	if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
 		r.PeakRSSKB = ru.Maxrss // KiB on Linux
+		r.CPU = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 	}
 	return r, nil
 }

@@ -8,7 +8,9 @@ import (
 	"io/fs"
 	"os"
 	"strconv"
+	"strings"
 	"syscall"
+	"time"
 )
 
 // Evict drops the clean page-cache pages of one file (posix_fadvise
@@ -52,6 +54,44 @@ func PeakRSS(pid int) (int64, error) {
 		}
 	}
 	return 0, fmt.Errorf("/proc/%d/status has no VmHWM", pid)
+}
+
+// userHZ is the unit of the CPU times in /proc/PID/stat: USER_HZ, 100 on
+// every Linux architecture.
+const userHZ = 100
+
+// ProcessCPU returns the user and system CPU time that a running process
+// (all its threads) has used so far, from /proc/PID/stat: the difference
+// of two calls is what a long-lived process (a FUSE server, a Ceph OSD)
+// spent on one run.
+func ProcessCPU(pid int) (time.Duration, error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return 0, fmt.Errorf("%w: %d", ErrNoProcess, pid)
+		}
+		return 0, err
+	}
+	// The command name, in parentheses, may hold spaces: the fields
+	// count from after its closing one. utime and stime are fields 14
+	// and 15 of the line, 12 and 13 after the name.
+	i := bytes.LastIndexByte(data, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("/proc/%d/stat: no command name", pid)
+	}
+	fields := strings.Fields(string(data[i+1:]))
+	if len(fields) < 13 {
+		return 0, fmt.Errorf("/proc/%d/stat: %d fields after the name, want 13 or more", pid, len(fields))
+	}
+	var ticks int64
+	for _, f := range fields[11:13] {
+		n, err := strconv.ParseInt(f, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("/proc/%d/stat: %w", pid, err)
+		}
+		ticks += n
+	}
+	return time.Duration(ticks) * time.Second / userHZ, nil
 }
 
 // ResetPeakRSS sets the peak resident set of a process back to its current

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -141,6 +142,39 @@ func TestPeakRSS(t *testing.T) {
 	}
 	if _, err := PeakRSS(1 << 30); !errors.Is(err, ErrNoProcess) {
 		t.Errorf("PeakRSS of no process: %v, want ErrNoProcess", err)
+	}
+}
+
+// TestProcessCPU: the CPU time of this process grows by at least what a
+// busy loop spends, and a process that is gone is ErrNoProcess.
+func TestProcessCPU(t *testing.T) {
+	before, err := ProcessCPU(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var spent syscall.Rusage
+	x := 0
+	for {
+		for i := range 1 << 20 {
+			x += i
+		}
+		if err := syscall.Getrusage(syscall.RUSAGE_SELF, &spent); err != nil {
+			t.Fatal(err)
+		}
+		if time.Duration(spent.Utime.Nano()) >= before+300*time.Millisecond {
+			break
+		}
+	}
+	after, err := ProcessCPU(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// /proc counts in ticks of 10 ms, rusage more finely.
+	if got := after - before; got < 250*time.Millisecond {
+		t.Errorf("CPU time grew by %v over a loop of 300 ms of CPU (%d)", got, x)
+	}
+	if _, err := ProcessCPU(1 << 30); !errors.Is(err, ErrNoProcess) {
+		t.Errorf("ProcessCPU of no process: %v, want ErrNoProcess", err)
 	}
 }
 
