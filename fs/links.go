@@ -19,6 +19,8 @@ import (
 // link's own tree; one to another pool goes through pools/POOL/, which
 // every mounted pool has. A parent in a pool that is not mounted gets a
 // link to where it would show: it dangles, and info.json still names it.
+// The clone gesture takes a parent link's target back as the snapshot to
+// clone (cloneSource, in volume_dir.go).
 
 // snapshotLink returns the target of a symlink to snapshot ref, for a link
 // that lies up directories below the volumes/ directory of f's tree: 1 for

@@ -1,6 +1,7 @@
 package fs
 
 import (
+	"context"
 	"fmt"
 	"strings"
 
@@ -19,10 +20,20 @@ import (
 // below use; they share the mount's settings, its staging directory and
 // its lifetime. A backend shown twice (the root's pool, again under
 // pools/) shares its Manager between the two trees, so that a file open in
-// one holds the snapshot against an rmdir in the other.
+// one holds the snapshot against an rmdir in the other. The clone gesture
+// in one tree may name a snapshot of another: it finds that tree from the
+// mount's root, as a lookup would (volumesContents.cloneTree).
 
 // poolsDir is the root's directory of the pools.
 const poolsDir = "pools"
+
+// crossCloner is a backend that clones snapshots of another backend of the
+// mount into itself (rbdio.Pool: of another pool of its cluster), for the
+// clone gesture across trees (volumesContents.symlink). It returns
+// ErrUnsupported for a backend it cannot clone from.
+type crossCloner interface {
+	CloneFrom(ctx context.Context, src snapshot.Backend, volume, snapshot, newName string) (snapshot.Volume, error)
+}
 
 // Pool is a backend that a mount shows under pools/NAME/.
 type Pool struct {
@@ -72,7 +83,9 @@ func (f *filesystem) poolTree(backend snapshot.Backend, at string) *filesystem {
 
 // backendDirs returns volumes/ and import/ of f's backend, under id.
 func (f *filesystem) backendDirs(id identity) (volumes, imports *dir) {
-	volumes = f.newDir("volumes", id.child("volumes"), volumesContents{f, id.child("volumes")}, false, f.mounted, immutableTimeout)
+	contents := &volumesContents{fsys: f, id: id.child("volumes")}
+	volumes = f.newDir("volumes", contents.id, contents, false, f.mounted, immutableTimeout)
+	contents.dir = volumes
 	imports = f.newDir("import", id.child("import"), &importContents{fsys: f, id: id.child("import")}, true, f.mounted, immutableTimeout)
 	return volumes, imports
 }

@@ -2,8 +2,10 @@ package fs
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
+	"path"
 	"strings"
 	"syscall"
 	"time"
@@ -15,9 +17,12 @@ import (
 type volumesContents struct {
 	fsys *filesystem
 	id   identity
+	// dir is the directory itself: from its inode, the clone gesture
+	// finds the mount's root and the other trees (cloneTree).
+	dir *dir
 }
 
-func (c volumesContents) list(ctx context.Context) ([]treeNode, error) {
+func (c *volumesContents) list(ctx context.Context) ([]treeNode, error) {
 	vols, err := c.fsys.backend.ListVolumes(ctx)
 	if err != nil {
 		return nil, err
@@ -29,7 +34,7 @@ func (c volumesContents) list(ctx context.Context) ([]treeNode, error) {
 	return out, nil
 }
 
-func (c volumesContents) find(ctx context.Context, name string) (treeNode, error) {
+func (c *volumesContents) find(ctx context.Context, name string) (treeNode, error) {
 	v, err := c.fsys.backend.Volume(ctx, name)
 	if err != nil {
 		return nil, err
@@ -39,17 +44,27 @@ func (c volumesContents) find(ctx context.Context, name string) (treeNode, error
 
 // symlink is the clone gesture: `ln -s ../V/snapshots/S volumes/NEW` (or
 // V/snapshots/S) makes NEW a copy-on-write clone of snapshot S of V. The
-// kernel wants a symlink back, so the reply is a link to S that is never
-// cached (entry timeout 0): the next lookup of NEW finds the clone's
-// directory.
-func (c volumesContents) symlink(ctx context.Context, target, name string) (treeNode, error) {
-	ref, ok := cloneSource(target)
+// snapshot may be in another tree of the mount (cloneSource): `ln -s
+// ../../../pools/B/volumes/V/snapshots/S pools/A/volumes/NEW` clones into
+// pool A, if A's backend clones from B's (crossCloner: two pools of one
+// cluster); EXDEV otherwise, with a log line. The kernel wants a symlink
+// back, so the reply is a link to S that is never cached (entry timeout
+// 0): the next lookup of NEW finds the clone's directory.
+func (c *volumesContents) symlink(ctx context.Context, target, name string) (treeNode, error) {
+	tree, ref, ok := cloneSource(c.fsys.at, name, target)
 	if !ok {
-		return nil, fmt.Errorf("%w: %s: a clone links to a snapshot of a volume of this tree, ../VOL/snapshots/SNAP", snapshot.ErrInvalid, target)
+		return nil, fmt.Errorf("%w: %s: a clone links to a snapshot in this mount by a relative path, ../VOL/snapshots/SNAP or, to another pool, as the clone's parent link will show it",
+			snapshot.ErrInvalid, target)
 	}
 	mctx, cancel := c.fsys.mutationContext(ctx)
 	defer cancel()
-	v, err := c.fsys.manager.Clone(mctx, ref.Volume, ref.Snapshot, name)
+	var v snapshot.Volume
+	var err error
+	if tree == c.fsys.at {
+		v, err = c.fsys.manager.Clone(mctx, ref.Volume, ref.Snapshot, name)
+	} else {
+		v, err = c.cloneFrom(mctx, tree, ref, name)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -60,20 +75,123 @@ func (c volumesContents) symlink(ctx context.Context, target, name string) (tree
 	return link, nil
 }
 
-// cloneSource parses the target of a clone gesture: ../VOL/snapshots/SNAP
-// or VOL/snapshots/SNAP.
-func cloneSource(target string) (snapshot.SnapshotRef, bool) {
-	rest := strings.TrimPrefix(strings.TrimPrefix(target, "./"), "../")
-	parts := strings.Split(strings.TrimSuffix(rest, "/"), "/")
-	if len(parts) != 3 || parts[1] != "snapshots" || parts[0] == "" || parts[2] == "" ||
-		parts[0] == ".." || parts[2] == ".." || parts[0] == "." || parts[2] == "." {
-		return snapshot.SnapshotRef{}, false
+// cloneFrom makes volume name of this tree a clone of snapshot ref of the
+// tree that shows at tree, another tree of the mount.
+func (c *volumesContents) cloneFrom(ctx context.Context, tree string, ref snapshot.SnapshotRef, name string) (snapshot.Volume, error) {
+	f := c.fsys
+	src, err := c.cloneTree(ctx, tree)
+	if err == nil {
+		_, err = src.backend.Snapshot(ctx, ref.Volume, ref.Snapshot)
 	}
-	return snapshot.SnapshotRef{Volume: parts[0], Snapshot: parts[2]}, true
+	if err != nil {
+		return snapshot.Volume{}, fmt.Errorf("%s: %w", path.Join(tree, "volumes", ref.Volume, "snapshots", ref.Snapshot), err)
+	}
+	if src.backend == f.backend {
+		// The root's pool, shown again under pools/: the same backend.
+		return f.manager.Clone(ctx, ref.Volume, ref.Snapshot, name)
+	}
+	var v snapshot.Volume
+	err = fmt.Errorf("%w: %s makes no clones of another backend's snapshots", snapshot.ErrUnsupported, f.backend.Name())
+	if cc, ok := f.backend.(crossCloner); ok {
+		v, err = cc.CloneFrom(ctx, src.backend, ref.Volume, ref.Snapshot, name)
+	}
+	if errors.Is(err, snapshot.ErrUnsupported) {
+		// A link across devices: ln -s can only say EXDEV, the log
+		// says why and what to do.
+		snap := path.Join(tree, "volumes", ref.Volume, "snapshots", ref.Snapshot)
+		f.log.Printf("snapfs: clone %s as %s: %v; copy it instead: cp %s/disk.raw %s (in the mount)",
+			snap, path.Join(f.at, "volumes", name), err, snap, path.Join(f.at, "import", name))
+		return snapshot.Volume{}, syscall.EXDEV
+	}
+	return v, err
+}
+
+// cloneTree returns the filesystem of the tree of the mount that shows at
+// tree ("" or "pools/NAME"), found as a lookup would find it: from the
+// mount's root, down to the tree's volumes/. ErrNotFound for a pool that
+// is not mounted.
+func (c *volumesContents) cloneTree(ctx context.Context, tree string) (*filesystem, error) {
+	d, ok := c.dir.Root().Operations().(*dir)
+	if !ok {
+		return nil, fmt.Errorf("the root of the mount is a %T, not a directory", c.dir.Root().Operations())
+	}
+	names := []string{"volumes"}
+	if tree != "" {
+		names = append(strings.Split(tree, "/"), names...)
+	}
+	for _, name := range names {
+		n, err := d.contents.find(ctx, name)
+		if err != nil {
+			return nil, err
+		}
+		if d, ok = n.(*dir); !ok {
+			return nil, notFound(tree)
+		}
+	}
+	vols, ok := d.contents.(*volumesContents)
+	if !ok {
+		return nil, notFound(tree)
+	}
+	return vols.fsys, nil
+}
+
+// cloneSource resolves the target of a clone gesture, `ln -s target
+// volumes/NEW` in the tree that shows at at ("" or "pools/NAME"), to a
+// snapshot of a tree of the mount: tree is where that tree shows, ref
+// names the snapshot as tree's backend does. The target is read either as
+// ln -s means it, from volumes/ (V/snapshots/S, or
+// ../../../pools/P/volumes/V/snapshots/S from a pool), or as the clone's
+// parent link will show it (links.go), from volumes/NEW/ (../V/snapshots/S,
+// or ../../../P/volumes/V/snapshots/S from a pool). The two readings
+// never both land on a snapshot: a snapshot's directory is 4 or 6 levels
+// below the root, and the readings differ by one. A target that leaves the
+// mount, or is absolute, lands nowhere.
+func cloneSource(at, name, target string) (tree string, ref snapshot.SnapshotRef, ok bool) {
+	if path.IsAbs(target) {
+		return "", snapshot.SnapshotRef{}, false
+	}
+	volumes := path.Join(at, "volumes")
+	for _, from := range []string{volumes, path.Join(volumes, name)} {
+		elems, inside := resolve(from, target)
+		if !inside {
+			continue
+		}
+		if len(elems) == 6 && elems[0] == poolsDir {
+			tree, elems = elems[0]+"/"+elems[1], elems[2:]
+		}
+		if len(elems) == 4 && elems[0] == "volumes" && elems[2] == "snapshots" {
+			return tree, snapshot.SnapshotRef{Volume: elems[1], Snapshot: elems[3]}, true
+		}
+		tree = ""
+	}
+	return "", snapshot.SnapshotRef{}, false
+}
+
+// resolve returns the names on the way from the mount's root to target,
+// read from directory dir (a path from the root), as the kernel walks a
+// link without following links; inside is false if the walk leaves the
+// mount.
+func resolve(dir, target string) (elems []string, inside bool) {
+	if dir != "" {
+		elems = strings.Split(dir, "/")
+	}
+	for _, name := range strings.Split(target, "/") {
+		switch name {
+		case "", ".":
+		case "..":
+			if len(elems) == 0 {
+				return nil, false
+			}
+			elems = elems[:len(elems)-1]
+		default:
+			elems = append(elems, name)
+		}
+	}
+	return elems, true
 }
 
 // volumeDir returns the directory of volume v.
-func (c volumesContents) volumeDir(v snapshot.Volume) *dir {
+func (c *volumesContents) volumeDir(v snapshot.Volume) *dir {
 	id := c.id.versioned(v.Name, v.Created)
 	contents := volumeContents{fsys: c.fsys, id: id, volume: v.Name, created: v.Created}
 	return c.fsys.newDir(v.Name, id, contents, false, v.Created, shortTimeout)

@@ -22,6 +22,20 @@ func (p *Pool) Clone(ctx context.Context, vol, snap, newName string) (snapshot.V
 	return p.CloneInto(ctx, vol, snap, p, newName)
 }
 
+// CloneFrom creates volume newName in this pool as a copy-on-write clone of
+// snapshot snap of volume vol of src, another pool of the same cluster:
+// see CloneInto. A mount's clone gesture across its pools comes here.
+// ErrUnsupported for any other backend (the local store, a pool of another
+// cluster): an RBD clone's parent is an RBD snapshot of its own cluster.
+func (p *Pool) CloneFrom(ctx context.Context, src snapshot.Backend, vol, snap, newName string) (snapshot.Volume, error) {
+	sp, ok := src.(*Pool)
+	if !ok || sp.cluster != p.cluster {
+		return snapshot.Volume{}, fmt.Errorf("%w: %s clones only snapshots of pools of its own cluster, not of %s",
+			snapshot.ErrUnsupported, p.Name(), src.Name())
+	}
+	return sp.CloneInto(ctx, vol, snap, p, newName)
+}
+
 // CloneInto creates volume newName in pool dst (this pool or another of the
 // same cluster) as a copy-on-write clone of snapshot snap of volume vol
 // (rbd clone): O(1), it reads through the snapshot until written. The

@@ -357,6 +357,29 @@ func TestCloneAcrossPools(t *testing.T) {
 	if list, err := q.ListVolumes(c); err != nil || len(list) != 1 || list[0].Name != name {
 		t.Errorf("volumes of %s: %+v, %v", other, list, err)
 	}
+
+	// CloneFrom, the mount's way in: the same clone, asked of the
+	// destination; from any backend but a pool of the cluster, refused.
+	name2 := uniqueName(t, "xfrom")
+	v, err = q.CloneFrom(c, p, vol, "base", name2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.DeleteVolume(c, name2)
+	if v.Parent == nil || v.Parent.Volume != testPool+"/"+vol || v.Parent.Snapshot != "base" {
+		t.Errorf("CloneFrom: parent %+v", v.Parent)
+	}
+	local, err := snapshot.OpenLocal(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer local.Close()
+	if _, err := q.CloneFrom(c, local, vol, "base", "nope"); !errors.Is(err, snapshot.ErrUnsupported) {
+		t.Errorf("CloneFrom the local store: %v, want ErrUnsupported", err)
+	}
+	if _, err := q.Volume(c, "nope"); !errors.Is(err, snapshot.ErrNotFound) {
+		t.Errorf("a refused CloneFrom left a volume: %v", err)
+	}
 }
 
 func TestDeleteVolumeWithSnapshots(t *testing.T) {

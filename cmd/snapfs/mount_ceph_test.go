@@ -299,3 +299,121 @@ func TestMountCephOSDStopped(t *testing.T) {
 		t.Errorf("ls volumes after the OSD came back: %q", got)
 	}
 }
+
+// TestMountCephCloneAcrossPools: `ln -s` clones a snapshot of one pool into
+// another, by the path ln -s means or by the one the clone's parent link
+// shows. The clone reads as `rbd export` of the snapshot, its parent link
+// points back, the snapshot cannot go while the clone needs it, and rm of
+// the link flattens. Between the local store and a pool the gesture gets
+// EXDEV and a log line saying what to do; targets in no tree get ENOENT or
+// EINVAL; no refusal creates anything.
+func TestMountCephCloneAcrossPools(t *testing.T) {
+	conf := startCeph(t, "rbd", "ssd")
+	work := t.TempDir()
+	src := qemutest.Create(t, "qcow2", filepath.Join(work, "src.qcow2"), "16M")
+	qemutest.IO(t, src, "write -P 0x11 0 1M", "write -P 0x22 9M 2M")
+	rbd(t, conf, "import", "--no-progress", qemutest.ConvertRawFile(t, src), "rbd/base")
+
+	store, mnt := t.TempDir(), filepath.Join(t.TempDir(), "mnt")
+	m := startMount(t, store, mnt, "--ceph-conf", conf, "--pool", "rbd,ssd")
+	s1 := filepath.Join(mnt, "pools/rbd/volumes/base/snapshots/s1")
+	if err := os.Mkdir(s1, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// The head moves on: a clone that read it would differ from s1.
+	rbd(t, conf, "bench", "--io-type", "write", "--io-size", "64K", "--io-total", "2M", "rbd/base")
+	want := rbd(t, conf, "export", "--no-progress", "rbd/base@s1", "-")
+	if bytes.Equal(rbd(t, conf, "export", "--no-progress", "rbd/base", "-"), want) {
+		t.Fatal("rbd bench did not change the head of rbd/base")
+	}
+
+	ssd := filepath.Join(mnt, "pools/ssd/volumes")
+	for _, c := range []struct{ name, target string }{
+		{"kid", "../../../pools/rbd/volumes/base/snapshots/s1"}, // as ln -s means it
+		{"kid2", "../../../rbd/volumes/base/snapshots/s1"},      // as the parent link shows it
+	} {
+		if err := os.Symlink(c.target, filepath.Join(ssd, c.name)); err != nil {
+			t.Fatalf("ln -s %s pools/ssd/volumes/%s: %v", c.target, c.name, err)
+		}
+		var info struct {
+			Parent struct{ Pool, Image, Snapshot string }
+		}
+		if err := json.Unmarshal(rbd(t, conf, "info", "--format", "json", "ssd/"+c.name), &info); err != nil {
+			t.Fatal(err)
+		}
+		if info.Parent.Pool != "rbd" || info.Parent.Image != "base" || info.Parent.Snapshot != "s1" {
+			t.Errorf("rbd info ssd/%s: parent %+v", c.name, info.Parent)
+		}
+		link, err := os.Readlink(filepath.Join(ssd, c.name, "parent"))
+		if err != nil || link != "../../../rbd/volumes/base/snapshots/s1" {
+			t.Errorf("readlink pools/ssd/volumes/%s/parent: %q, %v", c.name, link, err)
+		}
+		if got, err := os.ReadFile(filepath.Join(ssd, c.name, "head.raw")); err != nil || !bytes.Equal(got, want) {
+			t.Errorf("pools/ssd/volumes/%s/head.raw (%d bytes, %v) differs from rbd export rbd/base@s1", c.name, len(got), err)
+		}
+	}
+	if err := os.Remove(s1); !errors.Is(err, syscall.EBUSY) {
+		t.Errorf("rmdir of a snapshot cloned into another pool: %v, want EBUSY", err)
+	}
+
+	// The local store and a pool: EXDEV, both ways, and the log says what
+	// to do instead.
+	if out, err := exec.Command("cp", src, filepath.Join(mnt, "import/local1")).CombinedOutput(); err != nil {
+		t.Fatalf("cp into import/: %v\n%s", err, out)
+	}
+	if err := os.Mkdir(filepath.Join(mnt, "volumes/local1/snapshots/l1"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	refuse := func(target, link string, want syscall.Errno) {
+		t.Helper()
+		if err := os.Symlink(target, filepath.Join(mnt, link)); !errors.Is(err, want) {
+			t.Errorf("ln -s %s %s: %v, want %v", target, link, err, want)
+		}
+	}
+	refuse("../pools/rbd/volumes/base/snapshots/s1", "volumes/new", syscall.EXDEV)
+	if !m.waitOutput("cp pools/rbd/volumes/base/snapshots/s1/disk.raw import/new") {
+		t.Errorf("no log line says what to do after EXDEV:\n%s", m.output())
+	}
+	refuse("../../../volumes/local1/snapshots/l1", "pools/ssd/volumes/new", syscall.EXDEV)
+	// Targets in no tree of the mount.
+	refuse("../../../pools/nope/volumes/base/snapshots/s1", "pools/ssd/volumes/new", syscall.ENOENT)
+	refuse("../../../rbd/volumes/base/snapshots/nosuch", "pools/ssd/volumes/new", syscall.ENOENT)
+	refuse("../../../../../../rbd/volumes/base/snapshots/s1", "pools/ssd/volumes/new", syscall.EINVAL)
+	if got := strings.Fields(string(rbd(t, conf, "ls", "ssd"))); !slices.Equal(got, []string{"kid", "kid2"}) {
+		t.Errorf("rbd ls ssd after the refusals: %q", got)
+	}
+	if got := listNames(t, filepath.Join(mnt, "volumes")); !slices.Equal(got, []string{"local1"}) {
+		t.Errorf("ls volumes (the local store) after the refusals: %q", got)
+	}
+
+	// With no --store the root is the first pool: a clone made there of
+	// another pool's snapshot links back through pools/.
+	t.Setenv("TMPDIR", t.TempDir())
+	root := filepath.Join(t.TempDir(), "mnt")
+	startMount(t, "", root, "--ceph-conf", conf, "--pool", "ssd,rbd")
+	if err := os.Symlink("../pools/rbd/volumes/base/snapshots/s1", filepath.Join(root, "volumes/kid3")); err != nil {
+		t.Fatalf("ln -s from the root (pool ssd) to pools/rbd: %v", err)
+	}
+	if link, err := os.Readlink(filepath.Join(root, "volumes/kid3/parent")); err != nil || link != "../../pools/rbd/volumes/base/snapshots/s1" {
+		t.Errorf("readlink volumes/kid3/parent: %q, %v", link, err)
+	}
+	if got, err := os.ReadFile(filepath.Join(root, "volumes/kid3/head.raw")); err != nil || !bytes.Equal(got, want) {
+		t.Errorf("volumes/kid3/head.raw (%d bytes, %v) differs from rbd export rbd/base@s1", len(got), err)
+	}
+
+	// rm parent flattens; then nothing needs s1.
+	for _, name := range []string{"kid", "kid2", "kid3"} {
+		if err := os.Remove(filepath.Join(ssd, name, "parent")); err != nil {
+			t.Fatalf("rm pools/ssd/volumes/%s/parent: %v", name, err)
+		}
+		if _, err := os.Readlink(filepath.Join(ssd, name, "parent")); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("pools/ssd/volumes/%s/parent after the flatten: %v", name, err)
+		}
+		if got := rbd(t, conf, "export", "--no-progress", "ssd/"+name, "-"); !bytes.Equal(got, want) {
+			t.Errorf("ssd/%s no longer reads as rbd/base@s1 after the flatten", name)
+		}
+	}
+	if err := os.Remove(s1); err != nil {
+		t.Errorf("rmdir of s1 once its clones are flat: %v", err)
+	}
+}

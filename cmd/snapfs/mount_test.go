@@ -36,6 +36,20 @@ func (p *mountProc) output() string {
 	return p.stderr.String()
 }
 
+// waitOutput reports whether the mount's output holds substr, waiting up
+// to 5 s for it: the process logs a refusal before it answers, but the
+// line reaches the test through a pipe, maybe after the answer.
+func (p *mountProc) waitOutput(substr string) bool {
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if strings.Contains(p.output(), substr) {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+	}
+}
+
 // isMounted reports whether something is mounted on dir.
 func isMounted(dir string) bool {
 	data, _ := os.ReadFile("/proc/self/mountinfo")
