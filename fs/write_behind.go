@@ -1,8 +1,10 @@
 package fs
 
 import (
+	"errors"
 	"os"
 	"sync"
+	"syscall"
 )
 
 // Write-behind for the staging files of imports.
@@ -82,13 +84,19 @@ func newWriteBehind(f, direct *os.File, pool *chunkPool) *writeBehind {
 	return w
 }
 
-// write writes one queued write, directly if it can.
+// write writes one queued write, directly if it can. Only run calls it:
+// direct is the writing goroutine's.
 func (w *writeBehind) write(q queuedWrite) error {
-	f := w.f
 	if w.direct != nil && q.off%directAlign == 0 && q.n%directAlign == 0 {
-		f = w.direct
+		_, err := w.direct.WriteAt(q.buf[:q.n], q.off)
+		if !errors.Is(err, syscall.EINVAL) {
+			return err
+		}
+		// An alignment the filesystem refuses after all (it checks
+		// only at the first write): through the page cache from now.
+		w.direct = nil
 	}
-	_, err := f.WriteAt(q.buf[:q.n], q.off)
+	_, err := w.f.WriteAt(q.buf[:q.n], q.off)
 	return err
 }
 
