@@ -44,8 +44,10 @@ type chunk struct {
 // read serves buf at off from chunks read ahead, starting fetches as the
 // reader goes forward. It returns false, having read nothing, for a read
 // that is neither sequential nor in a chunk: the caller reads it directly.
-// A failed fetch is the read's error, and is forgotten: the next read of
-// the chunk fetches it again.
+// A fetch that fails while the read waits for it is the read's error, and
+// is forgotten: the next read of the chunk fetches it again. One that had
+// failed before the read came is fetched again at once: its error is
+// stale (the cluster may have come back since) and no reader saw it.
 func (ra *readahead) read(im *image, buf []byte, off int64) (bool, error) {
 	if len(buf) == 0 {
 		return false, nil
@@ -75,7 +77,7 @@ func (ra *readahead) read(im *image, buf []byte, off int64) (bool, error) {
 	ra.next = off + int64(len(buf))
 	nchunks := (im.size + raChunk - 1) / raChunk
 	for i := first; i <= last+ra.window && i < nchunks; i++ {
-		if ra.chunks[i] == nil {
+		if c := ra.chunks[i]; c == nil || c.failed() {
 			ra.chunks[i] = ra.fetch(im, i)
 		}
 	}
@@ -120,6 +122,16 @@ func (ra *readahead) read(im *image, buf []byte, off int64) (bool, error) {
 		copy(buf[lo-off:hi-off], c.data[lo-start:hi-start])
 	}
 	return true, nil
+}
+
+// failed reports whether c's fetch is over and failed.
+func (c *chunk) failed() bool {
+	select {
+	case <-c.ready:
+		return c.err != nil
+	default:
+		return false
+	}
 }
 
 // fetch starts reading chunk i; the caller holds ra.mu and a read lock of

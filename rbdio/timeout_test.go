@@ -6,10 +6,11 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -21,30 +22,28 @@ import (
 // stopOSD stops the test cluster's OSD with SIGSTOP, as a hung or
 // unreachable OSD, and returns the function that continues it (also run
 // at cleanup). A real stop and restart would not do: memstore loses every
-// object when the OSD restarts.
+// object when the OSD restarts. scripts/ceph/osd.sh does both, and returns
+// from a stop only once every thread of the OSD has stopped.
 func stopOSD(t *testing.T) (cont func()) {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join(runDir(t), "osd.0.pid"))
-	if err != nil {
-		t.Fatal(err)
+	dir := filepath.Dir(cephConf)
+	osd := func(verb string) error {
+		out, err := exec.Command("../scripts/ceph/osd.sh", verb, dir).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("osd.sh %s: %v\n%s", verb, err, out)
+		}
+		return nil
 	}
-	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	// The PID file must be the OSD of this cluster, not a stranger.
-	cmdline, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
-	if err != nil || !bytes.Contains(cmdline, []byte(cephConf)) {
-		t.Fatalf("pid %d is not the OSD of %s", pid, cephConf)
-	}
-	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+	if err := osd("stop"); err != nil {
 		t.Fatal(err)
 	}
 	done := false
 	cont = func() {
 		if !done {
 			done = true
-			syscall.Kill(pid, syscall.SIGCONT)
+			if err := osd("start"); err != nil {
+				t.Error(err)
+			}
 		}
 	}
 	t.Cleanup(cont)
@@ -77,17 +76,20 @@ func TestOSDStopped(t *testing.T) {
 	defer im.Close()
 	buf := make([]byte, 1<<20)
 	// A sequential reader: chunks 0 and 1 are read ahead.
-	if _, err := im.ReadAt(buf, 0); err != nil {
-		t.Fatal(err)
+	if n, err := im.ReadAt(buf, 0); err != nil || n != len(buf) || !bytes.Equal(buf, data[:1<<20]) {
+		t.Fatalf("first read: %d bytes, %v", n, err)
 	}
-	time.Sleep(time.Second) // let the readahead finish
+	// The readahead must be done before the OSD stops.
+	im.(*image).ra.wg.Wait()
 
 	cont := stopOSD(t)
 	start := time.Now()
-	_, err = im.ReadAt(buf, 12<<20) // not read before: no cache answers
+	// Not read before, nor read ahead: neither we nor librbd (whose
+	// default cache policy, writearound, caches no reads) have it.
+	n, err := im.ReadAt(buf, 12<<20)
 	took := time.Since(start)
 	if !errors.Is(err, ErrTimeout) || !errors.Is(err, syscall.ETIMEDOUT) {
-		t.Errorf("read with the OSD stopped: %v, want ErrTimeout and ETIMEDOUT", err)
+		t.Errorf("read with the OSD stopped: %v, want ErrTimeout and ETIMEDOUT%s", err, readData(n, err, buf, data[12<<20:13<<20]))
 	}
 	if took > 2*timeout {
 		t.Errorf("read with the OSD stopped took %v; the timeout is %v", took, timeout)
@@ -95,13 +97,13 @@ func TestOSDStopped(t *testing.T) {
 	// The sequential reader goes on: what was read ahead still reads,
 	// then the chunk whose fetch fails gives the error, in time.
 	big := make([]byte, 7<<20)
-	if _, err := im.ReadAt(big, 1<<20); err != nil || !bytes.Equal(big, data[1<<20:8<<20]) {
-		t.Errorf("read ahead data with the OSD stopped: %v", err)
+	if n, err := im.ReadAt(big, 1<<20); err != nil || n != len(big) || !bytes.Equal(big, data[1<<20:8<<20]) {
+		t.Errorf("read ahead data with the OSD stopped: %v%s", err, readData(n, err, big, data[1<<20:8<<20]))
 	}
 	start = time.Now()
-	_, err = im.ReadAt(buf, 8<<20)
+	n, err = im.ReadAt(buf, 8<<20)
 	if !errors.Is(err, ErrTimeout) || time.Since(start) > 2*timeout {
-		t.Errorf("sequential read with the OSD stopped: %v after %v, want ErrTimeout", err, time.Since(start))
+		t.Errorf("sequential read with the OSD stopped: %v after %v, want ErrTimeout%s", err, time.Since(start), readData(n, err, buf, data[8<<20:9<<20]))
 	}
 	// Metadata calls fail in time too.
 	start = time.Now()
@@ -139,6 +141,28 @@ func TestOSDStopped(t *testing.T) {
 	if !bytes.Equal(buf, data[8<<20:9<<20]) {
 		t.Errorf("read after the OSD came back: wrong data")
 	}
+	// What failed while the OSD was stopped reads right now.
+	if n, err := im.ReadAt(buf, 12<<20); err != nil || n != len(buf) || !bytes.Equal(buf, data[12<<20:13<<20]) {
+		t.Errorf("read at 12 MiB after the OSD came back: %v%s", err, readData(n, err, buf, data[12<<20:13<<20]))
+	}
+}
+
+// readData tells, for the message of a failed check, what a read that did
+// not fail returned: n bytes, the data written (the OSD answered), or not
+// (a bug: zeros for a range wrongly taken as a hole, bytes from the wrong
+// place); "" for a read that failed.
+func readData(n int, err error, got, want []byte) string {
+	switch {
+	case err != nil:
+		return ""
+	case n != len(want):
+		return fmt.Sprintf(" (%d bytes, want %d)", n, len(want))
+	case bytes.Equal(got, want):
+		return " (the data written)"
+	case !slices.ContainsFunc(got, func(b byte) bool { return b != 0 }):
+		return " (zeros, not the data written)"
+	}
+	return " (not the data written)"
 }
 
 // diagnoseRecovery logs what the cluster and a fresh client say while the

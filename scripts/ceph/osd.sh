@@ -25,4 +25,21 @@ if ! [[ $pid =~ ^[0-9]+$ && -r /proc/$pid/cmdline ]] ||
 	exit 1
 fi
 kill -"$sig" "$pid"
+# kill returns once SIGSTOP is queued: the OSD stops only when each of its
+# threads has taken it, and until then it still answers requests (on a
+# loaded machine, the read a test sends right after). Wait for every thread
+# to be stopped (T), or gone (Z, X).
+if [[ $sig == STOP ]]; then
+	for ((i = 0; ; i++)); do
+		running=
+		for f in /proc/"$pid"/task/*/stat; do
+			st=$(<"$f") 2>/dev/null || continue
+			st=${st##*) }
+			[[ ${st:0:1} == [TZX] ]] || { running=${f#/proc/$pid/task/}; break; }
+		done
+		[[ -z $running ]] && break
+		((i < 60000)) || { echo "$0: osd.0 (pid $pid) does not stop: thread ${running%/stat}" >&2; exit 1; }
+		sleep 0.001
+	done
+fi
 printf '[ceph %(%H:%M:%S)T] osd.0 (pid %s): SIG%s\n' -1 "$pid" "$sig" >&2
