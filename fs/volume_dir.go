@@ -172,22 +172,14 @@ func cloneSource(at, name, target string) (tree string, ref snapshot.SnapshotRef
 // link without following links; inside is false if the walk leaves the
 // mount.
 func resolve(dir, target string) (elems []string, inside bool) {
-	if dir != "" {
-		elems = strings.Split(dir, "/")
+	p := path.Join(dir, target)
+	switch {
+	case p == ".." || strings.HasPrefix(p, "../"):
+		return nil, false
+	case p == ".":
+		return nil, true
 	}
-	for _, name := range strings.Split(target, "/") {
-		switch name {
-		case "", ".":
-		case "..":
-			if len(elems) == 0 {
-				return nil, false
-			}
-			elems = elems[:len(elems)-1]
-		default:
-			elems = append(elems, name)
-		}
-	}
-	return elems, true
+	return strings.Split(p, "/"), true
 }
 
 // volumeDir returns the directory of volume v.
