@@ -10,6 +10,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"snapfs/internal/units"
 	"snapfs/qcow"
 )
 
@@ -116,9 +117,9 @@ func printInfo(w io.Writer, info *imageInfo) error {
 	var b strings.Builder
 	fmt.Fprintf(&b, "image: %s\n", printable(info.Filename))
 	fmt.Fprintf(&b, "file format: %s\n", info.Format)
-	fmt.Fprintf(&b, "virtual size: %s (%d bytes)\n", formatSize(info.VirtualSize), info.VirtualSize)
-	fmt.Fprintf(&b, "file size: %s (%d bytes)\n", formatSize(info.FileSize), info.FileSize)
-	fmt.Fprintf(&b, "allocated: %s (%d bytes)\n", formatSize(info.AllocatedBytes), info.AllocatedBytes)
+	fmt.Fprintf(&b, "virtual size: %s (%d bytes)\n", units.FormatSize(info.VirtualSize), info.VirtualSize)
+	fmt.Fprintf(&b, "file size: %s (%d bytes)\n", units.FormatSize(info.FileSize), info.FileSize)
+	fmt.Fprintf(&b, "allocated: %s (%d bytes)\n", units.FormatSize(info.AllocatedBytes), info.AllocatedBytes)
 	if info.Format == qcow.FormatQcow2 {
 		fmt.Fprintf(&b, "cluster_size: %d\n", info.ClusterSize)
 		fmt.Fprintf(&b, "compat: %s\n", compatLevel(info.Version))
@@ -153,7 +154,7 @@ func printInfo(w io.Writer, info *imageInfo) error {
 	tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "  #\tFORMAT\tVIRTUAL SIZE\tALLOCATED\tFILE")
 	for i, l := range info.Chain {
-		fmt.Fprintf(tw, "  %d\t%s\t%s\t%s\t%s\n", i, l.Format, formatSize(l.VirtualSize), formatSize(l.AllocatedBytes), printable(l.Name))
+		fmt.Fprintf(tw, "  %d\t%s\t%s\t%s\t%s\n", i, l.Format, units.FormatSize(l.VirtualSize), units.FormatSize(l.AllocatedBytes), printable(l.Name))
 	}
 	tw.Flush()
 	// Snapshots of backing layers are rare but real (a base image that
@@ -173,7 +174,7 @@ func writeSnapshots(w io.Writer, snaps []qcow.SnapshotInfo) {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "ID\tTAG\tVM SIZE\tDATE")
 	for _, s := range snaps {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", printable(s.ID), printable(s.Name), formatSize(int64(s.VMStateBytes)), s.Created.Local().Format("2006-01-02 15:04:05"))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", printable(s.ID), printable(s.Name), units.FormatSize(int64(s.VMStateBytes)), s.Created.Local().Format("2006-01-02 15:04:05"))
 	}
 	tw.Flush()
 }

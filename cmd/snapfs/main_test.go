@@ -177,24 +177,3 @@ func mustAbs(t *testing.T, path string) string {
 	}
 	return abs
 }
-
-func TestFormatSize(t *testing.T) {
-	for _, tc := range []struct {
-		n    int64
-		want string
-	}{
-		{0, "0 B"},
-		{512, "512 B"},
-		{1023, "1023 B"},
-		{1024, "1 KiB"},
-		{196 << 10, "196 KiB"},
-		{1536 << 20, "1.5 GiB"},
-		{2 << 30, "2 GiB"},
-		{1 << 40, "1 TiB"},
-		{1310720000, "1.22 GiB"},
-	} {
-		if got := formatSize(tc.n); got != tc.want {
-			t.Errorf("formatSize(%d) = %q, want %q", tc.n, got, tc.want)
-		}
-	}
-}

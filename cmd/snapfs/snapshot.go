@@ -10,6 +10,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"snapfs/internal/units"
 	"snapfs/snapshot"
 )
 
@@ -140,7 +141,7 @@ func printSnapshots(out io.Writer, snaps []snapshot.Snapshot) error {
 	fmt.Fprintln(w, "SNAPSHOT\tCREATED\tSIZE\tPARENT\tCONSISTENCY\tINSTANCE\tCLONES")
 	for _, sn := range snaps {
 		fmt.Fprintf(w, "%s@%s\t%s\t%s\t%s\t%s\t%s\t%s\n", sn.Volume, sn.Name, sn.Created.Local().Format(time.DateTime),
-			formatSize(sn.Size), sn.Parent, sn.Consistency, sn.Instance, strings.Join(sn.Clones, ","))
+			units.FormatSize(sn.Size), sn.Parent, sn.Consistency, sn.Instance, strings.Join(sn.Clones, ","))
 	}
 	return w.Flush()
 }

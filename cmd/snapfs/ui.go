@@ -8,6 +8,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"snapfs/internal/units"
 )
 
 // writeJSON prints v as indented JSON followed by a newline: the --json
@@ -16,22 +18,6 @@ func writeJSON(w io.Writer, v any) error {
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	return enc.Encode(v)
-}
-
-// formatSize renders a byte count as qemu-img does ("2 GiB", "1.22 GiB",
-// "512 B"): three significant digits of the largest binary unit that fits.
-func formatSize(n int64) string {
-	units := []string{"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"}
-	v := float64(n)
-	i := 0
-	for v >= 1024 && i < len(units)-1 {
-		v /= 1024
-		i++
-	}
-	if i == 0 {
-		return fmt.Sprintf("%d B", n)
-	}
-	return fmt.Sprintf("%.3g %s", v, units[i])
 }
 
 // progress draws a one-line progress bar on stderr while a long operation
@@ -96,9 +82,9 @@ func progressLine(label string, done, total int64, elapsed time.Duration) string
 	}
 	filled := int(frac * width)
 	bar := strings.Repeat("#", filled) + strings.Repeat(".", width-filled)
-	line := fmt.Sprintf("%s [%s] %3d%%  %s / %s", label, bar, int(frac*100), formatSize(done), formatSize(total))
+	line := fmt.Sprintf("%s [%s] %3d%%  %s / %s", label, bar, int(frac*100), units.FormatSize(done), units.FormatSize(total))
 	if secs := elapsed.Seconds(); secs > 0.5 {
-		line += fmt.Sprintf("  %s/s", formatSize(int64(float64(done)/secs)))
+		line += fmt.Sprintf("  %s/s", units.FormatSize(int64(float64(done)/secs)))
 	}
 	return line
 }

@@ -13,6 +13,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"snapfs/internal/units"
 	"snapfs/snapshot"
 )
 
@@ -114,7 +115,7 @@ var volumeListCmd = &cobra.Command{
 					}
 					parent += fmt.Sprintf(" (flattening %d%%)", percent)
 				}
-				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t%s\n", v.Name, formatSize(v.Size), formatSize(v.BytesUsed), len(snaps), parent, v.HeadPath)
+				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t%s\n", v.Name, units.FormatSize(v.Size), units.FormatSize(v.BytesUsed), len(snaps), parent, v.HeadPath)
 			}
 			return w.Flush()
 		})
@@ -291,7 +292,7 @@ import is; on any error or Ctrl-C nothing is created.`,
 			if err != nil {
 				return err
 			}
-			_, err = fmt.Fprintf(cmd.OutOrStdout(), "volume %s: %s, snapshot %s, head %s\n", v.Name, formatSize(v.Size), snaps[0].Name, v.HeadPath)
+			_, err = fmt.Fprintf(cmd.OutOrStdout(), "volume %s: %s, snapshot %s, head %s\n", v.Name, units.FormatSize(v.Size), snaps[0].Name, v.HeadPath)
 			return err
 		})
 	},
@@ -345,7 +346,7 @@ func printVolume(w io.Writer, v snapshot.Volume) error {
 	if storeFlags.json {
 		return writeJSON(w, v)
 	}
-	_, err := fmt.Fprintf(w, "volume %s: %s, head %s\n", v.Name, formatSize(v.Size), v.HeadPath)
+	_, err := fmt.Fprintf(w, "volume %s: %s, head %s\n", v.Name, units.FormatSize(v.Size), v.HeadPath)
 	return err
 }
 

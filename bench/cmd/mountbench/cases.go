@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"snapfs/bench/internal/measure"
+	"snapfs/internal/units"
 )
 
 // cacheMode is the state of the page cache at the start of a run.
@@ -171,7 +172,7 @@ func (b *bench) qemuToNull(top string, size int64) *exec.Cmd {
 func (b *bench) catCase() error {
 	c, cfg := b.chain, b.cfg
 	export := c.export(b.mnt)
-	b.header(fmt.Sprintf("1. cat disk.raw of a dense chain, %d layers, %s", cfg.layers, measure.FormatSize(cfg.size)))
+	b.header(fmt.Sprintf("1. cat disk.raw of a dense chain, %d layers, %s", cfg.layers, units.FormatSize(cfg.size)))
 	devNull, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
 	if err != nil {
 		return err
@@ -244,7 +245,7 @@ func (b *bench) depthCase() error {
 	cfg := b.cfg
 	shallow, deep := b.shallow, b.deep
 	bytes := cfg.depthSize / stripe * stripe
-	b.header(fmt.Sprintf("2. read disk.raw of a chain 1 deep and %d deep, %s of the same data", cfg.depth, measure.FormatSize(bytes)))
+	b.header(fmt.Sprintf("2. read disk.raw of a chain 1 deep and %d deep, %s of the same data", cfg.depth, units.FormatSize(bytes)))
 	devNull, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
 	if err != nil {
 		return err
@@ -274,8 +275,8 @@ func (b *bench) depthCase() error {
 		ratio := s[1].throughput() / s[0].throughput()
 		ok := ratio >= 0.9
 		fmt.Fprintf(b.out, "  %-48s %9.2f   (qemu-img: %.2f; target >= 0.90: %s)\n",
-			fmt.Sprintf("throughput depth %d / depth 1", cfg.depth), ratio, s[3].throughput()/s[2].throughput(), verdict(ok))
-		b.verdicts = append(b.verdicts, fmt.Sprintf("2. read depth %d / depth 1, %s: %.2f (target >= 0.90): %s", cfg.depth, mode, ratio, verdict(ok)))
+			fmt.Sprintf("throughput depth %d / depth 1", cfg.depth), ratio, s[3].throughput()/s[2].throughput(), measure.Verdict(ok))
+		b.verdicts = append(b.verdicts, fmt.Sprintf("2. read depth %d / depth 1, %s: %.2f (target >= 0.90): %s", cfg.depth, mode, ratio, measure.Verdict(ok)))
 	}
 	if cfg.verify {
 		for i, c := range []*snapChain{shallow, deep} {
@@ -292,7 +293,7 @@ func (b *bench) depthCase() error {
 func (b *bench) mkdirCase() error {
 	cfg := b.cfg
 	b.title(fmt.Sprintf("3. mkdir snapshot latency, %d per volume, taken in turns, %s of data in each volume",
-		cfg.mkdirs, measure.FormatSize(cfg.mkdirData)))
+		cfg.mkdirs, units.FormatSize(cfg.mkdirData)))
 	vols := []struct {
 		name string
 		size int64
@@ -325,8 +326,8 @@ func (b *bench) mkdirCase() error {
 		if n := strings.Count(string(out), `"name"`); n != cfg.mkdirs {
 			return fmt.Errorf("volume %s has %d snapshots after %d mkdirs", vol.name, n, cfg.mkdirs)
 		}
-		fmt.Fprintf(b.out, "  %-48s %9s %9s %9s %9s\n", fmt.Sprintf("%s, %s virtual", vol.name, measure.FormatSize(vol.size)),
-			ms(measure.Percentile(times[v], 50)), ms(measure.Percentile(times[v], 90)), ms(slices.Min(times[v])), ms(slices.Max(times[v])))
+		fmt.Fprintf(b.out, "  %-48s %9s %9s %9s %9s\n", fmt.Sprintf("%s, %s virtual", vol.name, units.FormatSize(vol.size)),
+			measure.Millis(measure.Percentile(times[v], 50)), measure.Millis(measure.Percentile(times[v], 90)), measure.Millis(slices.Min(times[v])), measure.Millis(slices.Max(times[v])))
 	}
 	p50s := []time.Duration{measure.Percentile(times[0], 50), measure.Percentile(times[1], 50)}
 	ratio50 := p50s[1].Seconds() / p50s[0].Seconds()
@@ -337,9 +338,9 @@ func (b *bench) mkdirCase() error {
 	equal := (ratio50 >= 0.8 && ratio50 <= 1.25) || diff < time.Millisecond
 	fast := p50s[0] < 20*time.Millisecond && p50s[1] < 20*time.Millisecond
 	fmt.Fprintf(b.out, "  %-48s %9.2f %9.2f   (target: equal within noise: %s; p50 < 20 ms: %s)\n",
-		fmt.Sprintf("ratio %s / %s", measure.FormatSize(cfg.mkdirBig), measure.FormatSize(cfg.mkdirSmall)), ratio50, ratio90, verdict(equal), verdict(fast))
+		fmt.Sprintf("ratio %s / %s", units.FormatSize(cfg.mkdirBig), units.FormatSize(cfg.mkdirSmall)), ratio50, ratio90, measure.Verdict(equal), measure.Verdict(fast))
 	b.verdicts = append(b.verdicts, fmt.Sprintf("3. mkdir p50 %s on %s, %s on %s, ratio %.2f (target: equal within noise, p50 < 20 ms): %s",
-		ms(p50s[0]), measure.FormatSize(cfg.mkdirSmall), ms(p50s[1]), measure.FormatSize(cfg.mkdirBig), ratio50, verdict(equal && fast)))
+		measure.Millis(p50s[0]), units.FormatSize(cfg.mkdirSmall), measure.Millis(p50s[1]), units.FormatSize(cfg.mkdirBig), ratio50, measure.Verdict(equal && fast)))
 	return nil
 }
 
@@ -350,7 +351,7 @@ func (b *bench) importCase() error {
 	cfg := b.cfg
 	src := b.importSource
 	mode := b.modes()[0]
-	b.header(fmt.Sprintf("4. import a dense qcow2 of %s, %s; times include syncfs of the store's filesystem", measure.FormatSize(cfg.size), mode))
+	b.header(fmt.Sprintf("4. import a dense qcow2 of %s, %s; times include syncfs of the store's filesystem", units.FormatSize(cfg.size), mode))
 	converted := filepath.Join(cfg.work, "converted.qcow2")
 	defer os.Remove(converted)
 	prepare := func() error { return b.prepareCache(mode, []string{src}, nil) }

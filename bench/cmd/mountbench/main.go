@@ -48,6 +48,7 @@ import (
 
 	"snapfs/bench/internal/fuseproc"
 	"snapfs/bench/internal/measure"
+	"snapfs/internal/units"
 )
 
 // config is what the flags say.
@@ -142,7 +143,7 @@ func parseFlags(args []string) (*config, error) {
 	case cfg.depth < 2:
 		return nil, errors.New("-depth must be at least 2")
 	case cfg.depthSize < int64(cfg.depth)*stripe:
-		return nil, fmt.Errorf("-depth-size must give each of the %d layers at least one %s stripe", cfg.depth, measure.FormatSize(stripe))
+		return nil, fmt.Errorf("-depth-size must give each of the %d layers at least one %s stripe", cfg.depth, units.FormatSize(stripe))
 	case cfg.mkdirData > cfg.mkdirSmall || cfg.mkdirSmall > cfg.mkdirBig:
 		return nil, errors.New("need -mkdir-data <= -mkdir-small <= -mkdir-big")
 	case cfg.mkdirs < 2:

@@ -2,9 +2,9 @@ package main
 
 import (
 	"fmt"
-	"time"
 
 	"snapfs/bench/internal/measure"
+	"snapfs/internal/units"
 )
 
 // tableRow lays out one row of a results table: what, time, MiB/s, peak RSS.
@@ -24,7 +24,7 @@ func (b *bench) title(title string) {
 // row prints one sample.
 func (b *bench) row(name string, s sample) {
 	fmt.Fprintf(b.out, tableRow, name, fmt.Sprintf("%.2f s", s.time.Seconds()),
-		fmt.Sprintf("%.0f", s.throughput()), measure.FormatSize(s.rssKB<<10))
+		fmt.Sprintf("%.0f", s.throughput()), units.FormatSize(s.rssKB<<10))
 }
 
 // pair prints snapfs's sample and its peer's, then their ratios (time and
@@ -38,8 +38,8 @@ func (b *bench) pair(sides []side, s []sample, summary string, target float64) {
 	fmt.Fprintf(b.out, tableRow+"", "ratio snapfs/peer (time, throughput, RSS)",
 		fmt.Sprintf("%.2f", s[0].time.Seconds()/s[1].time.Seconds()), fmt.Sprintf("%.2f", ratio),
 		fmt.Sprintf("%.2f", float64(s[0].rssKB)/float64(max(s[1].rssKB, 1))))
-	fmt.Fprintf(b.out, "  %-48s throughput %.2f x the peer's (target >= %.2f): %s\n", "", ratio, target, verdict(ok))
-	b.verdicts = append(b.verdicts, fmt.Sprintf("%s: throughput ratio %.2f (target >= %.2f): %s", summary, ratio, target, verdict(ok)))
+	fmt.Fprintf(b.out, "  %-48s throughput %.2f x the peer's (target >= %.2f): %s\n", "", ratio, target, measure.Verdict(ok))
+	b.verdicts = append(b.verdicts, fmt.Sprintf("%s: throughput ratio %.2f (target >= %.2f): %s", summary, ratio, target, measure.Verdict(ok)))
 }
 
 // summary prints every target and whether it was met.
@@ -48,16 +48,4 @@ func (b *bench) summary() {
 	for _, v := range b.verdicts {
 		fmt.Fprintf(b.out, "  %s\n", v)
 	}
-}
-
-func verdict(ok bool) string {
-	if ok {
-		return "met"
-	}
-	return "MISSED"
-}
-
-// ms renders a latency in milliseconds.
-func ms(d time.Duration) string {
-	return fmt.Sprintf("%.1f ms", float64(d)/float64(time.Millisecond))
 }

@@ -12,7 +12,7 @@ import (
 
 	"snapfs/bench/internal/fuseproc"
 	"snapfs/bench/internal/images"
-	"snapfs/bench/internal/measure"
+	"snapfs/internal/units"
 )
 
 // storeVersion changes whenever the recipes below change, so that volumes
@@ -262,7 +262,7 @@ func (b *bench) denseChain(vols map[string]volumeInfo) (*snapChain, error) {
 	if b.reusable(vols, name, version) {
 		return b.snapChainOf(name, top, cfg.layers)
 	}
-	fmt.Fprintf(b.out, "making volume %s: %d snapshots over %s of data ...\n", name, cfg.layers, measure.FormatSize(cfg.size))
+	fmt.Fprintf(b.out, "making volume %s: %d snapshots over %s of data ...\n", name, cfg.layers, units.FormatSize(cfg.size))
 	start := time.Now()
 	if err := b.fresh(vols, name, cfg.size); err != nil {
 		return nil, err
@@ -328,7 +328,7 @@ func (b *bench) depthChains(vols map[string]volumeInfo) (shallow, deep *snapChai
 		return shallow, deep, err
 	}
 	fmt.Fprintf(b.out, "making volumes %s and %s: %s of data in 1 and %d layers ...\n",
-		shallowName, deepName, measure.FormatSize(size), cfg.depth)
+		shallowName, deepName, units.FormatSize(size), cfg.depth)
 	start := time.Now()
 	patterns, err := b.patterns(cfg.depth)
 	if err != nil {
@@ -403,7 +403,7 @@ func (b *bench) denseImage() (string, error) {
 			return img, nil
 		}
 	}
-	fmt.Fprintf(b.out, "making %s: a dense qcow2 of %s ...\n", img, measure.FormatSize(cfg.size))
+	fmt.Fprintf(b.out, "making %s: a dense qcow2 of %s ...\n", img, units.FormatSize(cfg.size))
 	start := time.Now()
 	if err := images.Tool(cfg.work, "qemu-img", "create", "-q", "-f", "qcow2", img, fmt.Sprint(cfg.size)); err != nil {
 		return "", err

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"snapfs/bench/internal/images"
+	"snapfs/internal/units"
 )
 
 // imagesVersion changes whenever the images the harness makes change, so
@@ -28,7 +29,7 @@ func (b *bench) denseChain() (string, error) {
 	if images.Reusable(dir, imagesVersion) {
 		return top, nil
 	}
-	fmt.Fprintf(b.out, "making a dense chain of %d layers, %s, in %s ...\n", cfg.layers, formatSize(cfg.size), dir)
+	fmt.Fprintf(b.out, "making a dense chain of %d layers, %s, in %s ...\n", cfg.layers, units.FormatSize(cfg.size), dir)
 	defer b.took(time.Now())
 	if err := os.RemoveAll(dir); err != nil {
 		return "", err
@@ -71,7 +72,7 @@ func (b *bench) sparseImage(virtual, data int64) (string, error) {
 	if images.Reusable(dir, imagesVersion) {
 		return img, nil
 	}
-	fmt.Fprintf(b.out, "making a sparse image, %s virtual with %s of data, in %s ...\n", formatSize(virtual), formatSize(data), dir)
+	fmt.Fprintf(b.out, "making a sparse image, %s virtual with %s of data, in %s ...\n", units.FormatSize(virtual), units.FormatSize(data), dir)
 	defer b.took(time.Now())
 	if err := os.RemoveAll(dir); err != nil {
 		return "", err
@@ -115,7 +116,7 @@ func (b *bench) sparseCase() error {
 		imgs = append(imgs, img)
 	}
 	b.header(fmt.Sprintf("sparse raw export: %s of data in %s virtual, then in %s virtual",
-		formatSize(cfg.sparseData), formatSize(cfg.sparseVirtual), formatSize(cfg.sparseSmall)))
+		units.FormatSize(cfg.sparseData), units.FormatSize(cfg.sparseVirtual), units.FormatSize(cfg.sparseSmall)))
 	for i, virtual := range sizes {
 		img := imgs[i]
 		b.inputs = []string{img}
@@ -128,7 +129,7 @@ func (b *bench) sparseCase() error {
 		if err != nil {
 			return err
 		}
-		b.pair(fmt.Sprintf("d. raw, %s virtual", formatSize(virtual)), s, q)
+		b.pair(fmt.Sprintf("d. raw, %s virtual", units.FormatSize(virtual)), s, q)
 		for tool, x := range map[string]sample{"snapfs": s, "qemu-img": q} {
 			t := times[tool]
 			t[i] = x.time.Seconds()
@@ -138,7 +139,7 @@ func (b *bench) sparseCase() error {
 	for _, tool := range []string{"snapfs", "qemu-img"} {
 		t := times[tool]
 		fmt.Fprintf(b.out, "  d. %s: time for %s virtual / time for %s virtual = %.2f (1.00: time follows the data, not the virtual size)\n",
-			tool, formatSize(cfg.sparseVirtual), formatSize(cfg.sparseSmall), t[0]/t[1])
+			tool, units.FormatSize(cfg.sparseVirtual), units.FormatSize(cfg.sparseSmall), t[0]/t[1])
 	}
 	return nil
 }

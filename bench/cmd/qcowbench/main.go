@@ -35,6 +35,7 @@ import (
 	"strings"
 
 	"snapfs/bench/internal/measure"
+	"snapfs/internal/units"
 )
 
 // config is what the flags say.
@@ -149,7 +150,7 @@ func run(cfg *config, w io.Writer) error {
 		if err != nil {
 			return err
 		}
-		b.header(fmt.Sprintf("dense chain: %d qcow2 layers, %s virtual, flattened", cfg.layers, formatSize(cfg.size)))
+		b.header(fmt.Sprintf("dense chain: %d qcow2 layers, %s virtual, flattened", cfg.layers, units.FormatSize(cfg.size)))
 		for _, c := range []struct {
 			letter, name    string
 			snapfs, qemuImg []string

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"snapfs/bench/internal/measure"
+	"snapfs/internal/units"
 )
 
 // bench holds the state of one benchmark run.
@@ -119,7 +120,7 @@ func (b *bench) pair(name string, s, q sample) {
 		s          sample
 	}{{name, "snapfs", s}, {"", "qemu-img", q}} {
 		fmt.Fprintf(b.out, tableRow, x.name, x.tool, fmt.Sprintf("%.2f s", x.s.time.Seconds()),
-			fmt.Sprintf("%.0f", x.s.throughput()), formatSize(x.s.rssKiB<<10), formatSize(x.s.outSize), formatSize(x.s.outBlock))
+			fmt.Sprintf("%.0f", x.s.throughput()), units.FormatSize(x.s.rssKiB<<10), units.FormatSize(x.s.outSize), units.FormatSize(x.s.outBlock))
 	}
 	ratio := s.time.Seconds() / q.time.Seconds()
 	verdict := "snapfs faster"
@@ -131,6 +132,3 @@ func (b *bench) pair(name string, s, q sample) {
 		fmt.Sprintf("%.2f", float64(s.rssKiB)/float64(max(q.rssKiB, 1))), "",
 		fmt.Sprintf("%.2f", float64(s.outBlock)/float64(max(q.outBlock, 1))), verdict)
 }
-
-// formatSize renders a byte count with a binary unit ("1.5 GiB").
-var formatSize = measure.FormatSize

@@ -11,6 +11,7 @@ import (
 
 	"snapfs/bench/internal/fuseproc"
 	"snapfs/bench/internal/measure"
+	"snapfs/internal/units"
 )
 
 // side is one way of reading an image, measured in a case.
@@ -137,7 +138,7 @@ func (b *bench) catSnapfs(name, path string) side {
 // throughput is case 1.
 func (b *bench) throughput() error {
 	size := b.cfg.size
-	fmt.Fprintf(b.out, "\n1. reading a %s image full of data: snapfs disk.raw vs rbd export vs rbd-fuse\n", measure.FormatSize(size))
+	fmt.Fprintf(b.out, "\n1. reading a %s image full of data: snapfs disk.raw vs rbd export vs rbd-fuse\n", units.FormatSize(size))
 	want, err := b.c.importData("rbd/big", size, 1)
 	if err != nil {
 		return err
@@ -213,7 +214,7 @@ func (b *bench) verify(path string, want []byte, spec string) error {
 // its own.
 func (b *bench) chain() error {
 	size, depth := b.cfg.chainSize, b.cfg.depth
-	fmt.Fprintf(b.out, "\n2. reading a %s snapshot at the end of a clone chain %d deep vs the same content in a flat image\n", measure.FormatSize(size), depth)
+	fmt.Fprintf(b.out, "\n2. reading a %s snapshot at the end of a clone chain %d deep vs the same content in a flat image\n", units.FormatSize(size), depth)
 	if _, err := b.c.importData("rbd/chain0", size, 2); err != nil {
 		return err
 	}
@@ -308,9 +309,9 @@ func (b *bench) mkdirLatency() error {
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(b.out, "  %-48s p50 %s  p95 %s\n", "mkdir (snapshot)", ms(measure.Percentile(mk, 50)), ms(measure.Percentile(mk, 95)))
-	fmt.Fprintf(b.out, "  %-48s p50 %s  p95 %s\n", "rmdir (snapshot delete)", ms(measure.Percentile(rm, 50)), ms(measure.Percentile(rm, 95)))
-	b.verdicts = append(b.verdicts, fmt.Sprintf("mkdir snapshot latency: p50 %s, p95 %s (no target)", ms(measure.Percentile(mk, 50)), ms(measure.Percentile(mk, 95))))
+	fmt.Fprintf(b.out, "  %-48s p50 %s  p95 %s\n", "mkdir (snapshot)", measure.Millis(measure.Percentile(mk, 50)), measure.Millis(measure.Percentile(mk, 95)))
+	fmt.Fprintf(b.out, "  %-48s p50 %s  p95 %s\n", "rmdir (snapshot delete)", measure.Millis(measure.Percentile(rm, 50)), measure.Millis(measure.Percentile(rm, 95)))
+	b.verdicts = append(b.verdicts, fmt.Sprintf("mkdir snapshot latency: p50 %s, p95 %s (no target)", measure.Millis(measure.Percentile(mk, 50)), measure.Millis(measure.Percentile(mk, 95))))
 	return nil
 }
 
@@ -324,7 +325,7 @@ func (b *bench) header() {
 
 func (b *bench) row(name string, s sample) {
 	fmt.Fprintf(b.out, tableRow, name, fmt.Sprintf("%.2f s", s.time.Seconds()),
-		fmt.Sprintf("%.0f", s.throughput()), measure.FormatSize(s.rssKB<<10),
+		fmt.Sprintf("%.0f", s.throughput()), units.FormatSize(s.rssKB<<10),
 		fmt.Sprintf("%.2f s", s.cpu.Seconds()), fmt.Sprintf("%.2f s", s.osdCPU.Seconds()))
 }
 
@@ -335,7 +336,7 @@ func (b *bench) ratio(what string, r, target float64, op string) {
 	if op == "<=" {
 		ok = r <= target
 	}
-	line := fmt.Sprintf("%s: %.2f (target %s %.2f): %s", what, r, op, target, verdict(ok))
+	line := fmt.Sprintf("%s: %.2f (target %s %.2f): %s", what, r, op, target, measure.Verdict(ok))
 	fmt.Fprintf(b.out, "  %s\n", line)
 	b.verdicts = append(b.verdicts, line)
 }
@@ -346,16 +347,4 @@ func (b *bench) summary() {
 	for _, v := range b.verdicts {
 		fmt.Fprintf(b.out, "  %s\n", v)
 	}
-}
-
-func verdict(ok bool) string {
-	if ok {
-		return "met"
-	}
-	return "MISSED"
-}
-
-// ms renders a latency in milliseconds.
-func ms(d time.Duration) string {
-	return fmt.Sprintf("%.1f ms", float64(d)/float64(time.Millisecond))
 }

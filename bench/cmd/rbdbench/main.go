@@ -44,6 +44,7 @@ import (
 	"syscall"
 
 	"snapfs/bench/internal/measure"
+	"snapfs/internal/units"
 )
 
 // config is what the flags say.
@@ -126,7 +127,7 @@ func parseFlags(args []string) (*config, error) {
 			return nil, fmt.Errorf("-%s: %w", s.flag, err)
 		}
 		if n%objectSize != 0 {
-			return nil, fmt.Errorf("-%s: want a multiple of the RBD object size, %s", s.flag, measure.FormatSize(objectSize))
+			return nil, fmt.Errorf("-%s: want a multiple of the RBD object size, %s", s.flag, units.FormatSize(objectSize))
 		}
 		*s.dst = n
 	}
@@ -136,7 +137,7 @@ func parseFlags(args []string) (*config, error) {
 	case cfg.depth < 1:
 		return nil, errors.New("-layers must be at least 1")
 	case cfg.chainSize < int64(cfg.depth)*objectSize:
-		return nil, fmt.Errorf("-chain-size must give each of the %d clones an object (%s)", cfg.depth, measure.FormatSize(objectSize))
+		return nil, fmt.Errorf("-chain-size must give each of the %d clones an object (%s)", cfg.depth, units.FormatSize(objectSize))
 	case cfg.cases[3] && !cfg.cases[1]:
 		return nil, errors.New("-cases: case 3 snapshots case 1's image: run 1 with it")
 	case cfg.mkdirs < 2:

@@ -1,7 +1,7 @@
 // Package measure holds what the benchmark programs under bench/cmd share
 // to measure a tool against its peer fairly: the wall time and peak memory
 // of a child process, page-cache control (drop it, evict one file, warm a
-// file), medians and percentiles, and sizes in binary units.
+// file), and medians and percentiles.
 //
 // # Fairness
 //
@@ -167,22 +167,20 @@ func ParseSize(s string) (int64, error) {
 	return v * mult, nil
 }
 
-// FormatSize renders a byte count with a binary unit ("1.5 GiB").
-func FormatSize(n int64) string {
-	units := []string{"B", "KiB", "MiB", "GiB", "TiB", "PiB"}
-	v := float64(n)
-	i := 0
-	for v >= 1024 && i < len(units)-1 {
-		v /= 1024
-		i++
-	}
-	if i == 0 {
-		return fmt.Sprintf("%d B", n)
-	}
-	return fmt.Sprintf("%.3g %s", v, units[i])
-}
-
 // MiBps is the throughput of moving bytes in d, in MiB/s.
 func MiBps(bytes int64, d time.Duration) float64 {
 	return float64(bytes) / (1 << 20) / d.Seconds()
+}
+
+// Verdict is how a report says whether a target was met.
+func Verdict(met bool) string {
+	if met {
+		return "met"
+	}
+	return "MISSED"
+}
+
+// Millis renders a latency in milliseconds ("5.2 ms").
+func Millis(d time.Duration) string {
+	return fmt.Sprintf("%.1f ms", float64(d)/float64(time.Millisecond))
 }

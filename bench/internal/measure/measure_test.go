@@ -65,16 +65,6 @@ func TestPercentile(t *testing.T) {
 	}
 }
 
-func TestFormatSize(t *testing.T) {
-	for n, want := range map[int64]string{
-		0: "0 B", 1023: "1023 B", 1 << 20: "1 MiB", 3 << 29: "1.5 GiB", 100 << 30: "100 GiB",
-	} {
-		if got := FormatSize(n); got != want {
-			t.Errorf("FormatSize(%d) = %q, want %q", n, got, want)
-		}
-	}
-}
-
 // TestRun times a real child that allocates and touches 64 MiB: its peak
 // RSS must show them, and its output file must exist (fsynced) when Run
 // returns.
