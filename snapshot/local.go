@@ -529,6 +529,15 @@ func (n *newFile) publish(mode os.FileMode) error {
 	return nil
 }
 
+// layerMode is the mode a layer file is published with: a head is written
+// by the VM that runs off it, a snapshot's layer is never written again.
+func layerMode(head bool) os.FileMode {
+	if head {
+		return 0o600
+	}
+	return 0o400
+}
+
 // discard removes the file unless it has replaced a layer, and releases it.
 func (n *newFile) discard() {
 	if !n.published || n.fresh {
@@ -830,7 +839,7 @@ func (s *LocalStore) CreateVolume(ctx context.Context, name string, size int64) 
 	}
 	err = qcow.CreateOverlay(head.f, size, 0, "", "")
 	if err == nil {
-		err = head.publish(0o600)
+		err = head.publish(layerMode(true))
 	}
 	if err == nil {
 		err = s.syncLayers()

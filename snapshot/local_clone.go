@@ -79,7 +79,7 @@ func (s *LocalStore) CloneVolume(ctx context.Context, name string, parent Snapsh
 	}
 	err = qcow.CreateOverlay(head.f, pv.Size, 0, pv.Layers[pi].File, "qcow2")
 	if err == nil {
-		err = head.publish(0o600)
+		err = head.publish(layerMode(true))
 	}
 	if err == nil {
 		err = s.syncLayers()
@@ -265,11 +265,7 @@ func (s *LocalStore) flattenInto(ctx context.Context, bottom string, isHead bool
 		return err
 	}
 	pauseAt(PauseFlattenCopied)
-	mode := os.FileMode(0o400)
-	if isHead {
-		mode = 0o600
-	}
-	if err := nf.publish(mode); err != nil {
+	if err := nf.publish(layerMode(isHead)); err != nil {
 		return err
 	}
 	published = true
@@ -360,7 +356,7 @@ func (s *LocalStore) Revert(ctx context.Context, volume, snapshot string) error 
 	if err != nil {
 		return fmt.Errorf("reverting volume %q to %q: %w", volume, snapshot, err)
 	}
-	if err := nf.publish(0o600); err != nil {
+	if err := nf.publish(layerMode(true)); err != nil {
 		return err
 	}
 	if err := s.syncLayers(); err != nil {

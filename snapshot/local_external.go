@@ -142,7 +142,7 @@ func (s *LocalStore) PrepareExternalHead(ctx context.Context, headPath, name str
 	if err := s.writeIntent(in); err != nil {
 		return nil, err
 	}
-	if err := nf.publish(0o600); err != nil {
+	if err := nf.publish(layerMode(true)); err != nil {
 		s.dropIntent(volume)
 		return nil, err
 	}
@@ -225,7 +225,7 @@ func (s *LocalStore) commitExternal(ctx context.Context, in externalIntent, c Co
 	s.dropIntent(in.Volume)
 	// Read-only from now on, as CreateSnapshots does (qemu keeps its open
 	// file descriptor).
-	os.Chmod(s.layerPath(in.OldHead), 0o400)
+	os.Chmod(s.layerPath(in.OldHead), layerMode(false))
 	return nil
 }
 

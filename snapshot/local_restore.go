@@ -176,7 +176,7 @@ func (s *LocalStore) createVolumes(ctx context.Context, spec RestoreSpec, pauseC
 				return importRefusal(err)
 			}
 		}
-		if err := base.publish(0o400); err != nil {
+		if err := base.publish(layerMode(false)); err != nil {
 			return err
 		}
 		head, err := s.createFile(newLayerName(), true)
@@ -187,7 +187,7 @@ func (s *LocalStore) createVolumes(ctx context.Context, spec RestoreSpec, pauseC
 		if err := qcow.CreateOverlay(head.f, sizes[i], 0, filepath.Base(base.final), "qcow2"); err != nil {
 			return err
 		}
-		if err := head.publish(0o600); err != nil {
+		if err := head.publish(layerMode(true)); err != nil {
 			return err
 		}
 		bases[i], heads[i] = filepath.Base(base.final), filepath.Base(head.final)

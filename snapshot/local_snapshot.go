@@ -138,7 +138,7 @@ func (s *LocalStore) createSnapshots(ctx context.Context, volumes []string, name
 		if err := qcow.CreateOverlay(nf.f, m.Volumes[vol].Size, 0, oldHeads[vol], "qcow2"); err != nil {
 			return nil, fmt.Errorf("volume %q: new head: %w", vol, err)
 		}
-		if err := nf.publish(0o600); err != nil {
+		if err := nf.publish(layerMode(true)); err != nil {
 			return nil, err
 		}
 	}
@@ -179,7 +179,7 @@ func (s *LocalStore) createSnapshots(ctx context.Context, volumes []string, name
 	// Read-only from now on; qemu opens backing files read-only anyway,
 	// this stops a mistaken qemu-io -c write from a user (root ignores it).
 	for _, old := range oldHeads {
-		os.Chmod(s.layerPath(old), 0o400)
+		os.Chmod(s.layerPath(old), layerMode(false))
 	}
 	out := make([]Snapshot, 0, len(volumes))
 	for _, vol := range volumes {
@@ -441,11 +441,7 @@ func (s *LocalStore) mergeInto(ctx context.Context, child, below string, childIs
 		return err
 	}
 	pauseAt(PauseDeleteMerged)
-	mode := os.FileMode(0o400)
-	if childIsHead {
-		mode = 0o600
-	}
-	if err := nf.publish(mode); err != nil {
+	if err := nf.publish(layerMode(childIsHead)); err != nil {
 		return err
 	}
 	published = true
