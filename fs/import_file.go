@@ -329,7 +329,10 @@ func (f *importFile) writable() error {
 		return nil
 	}
 	if f.result == nil {
-		return syscall.EBADF // imported already
+		// Imported already: the name is taken (volumes/NAME exists),
+		// as it is once import/NAME has gone. EBADF, which open(2)
+		// never means, would read "Bad file descriptor" in cp.
+		return fmt.Errorf("%w: %s was imported already", snapshot.ErrExists, f.path())
 	}
 	return f.result
 }

@@ -159,7 +159,10 @@ func TestImport(t *testing.T) {
 	if err != nil || st.Size() != int64(len(data)) {
 		t.Errorf("import/backwards after the import: %v, %v", st, err)
 	}
-	mustFail(t, "reopen a finished import", os.WriteFile(imp("backwards"), data, 0o600), syscall.EBADF)
+	mustFail(t, "reopen a finished import", os.WriteFile(imp("backwards"), data, 0o600), syscall.EEXIST)
+	if out, err := run("cp", src, imp("backwards")); err == nil || !strings.Contains(out, "File exists") {
+		t.Errorf("cp over a finished import: %v: %s; want File exists", err, out)
+	}
 	if err := os.Remove(imp("backwards")); err != nil {
 		t.Errorf("rm of a finished import: %v", err)
 	}

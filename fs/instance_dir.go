@@ -2,6 +2,7 @@ package fs
 
 import (
 	"context"
+	"errors"
 	"time"
 
 	"snapfs/snapshot"
@@ -168,7 +169,9 @@ func (c instanceSnapshotsContents) mkdir(ctx context.Context, name string) (tree
 }
 
 // rmdir deletes the instance snapshot and its disk snapshots: EBUSY while
-// a file of one of them is open.
+// a file of one of them is open, or while a disk snapshot has clones.
+// rmdir can only say EBUSY, so the log says why, as for a volume's
+// snapshot (snapshotsContents.rmdir).
 func (c instanceSnapshotsContents) rmdir(ctx context.Context, name string) error {
 	mctx, cancel := c.fsys.mutationContext(ctx)
 	defer cancel()
@@ -183,9 +186,13 @@ func (c instanceSnapshotsContents) rmdir(ctx context.Context, name string) error
 		}
 		return out
 	}
-	return c.fsys.deleteWaiting(mctx, refs, func() error {
+	err := c.fsys.deleteWaiting(mctx, refs, func() error {
 		return c.fsys.manager.DeleteInstanceSnapshot(mctx, c.instance, name)
 	})
+	if errors.Is(err, snapshot.ErrBusy) {
+		c.fsys.log.Printf("snapfs: rmdir %s/snapshots/%s: %v", c.instance, name, err)
+	}
+	return err
 }
 
 func (c instanceSnapshotsContents) snapshotDir(s snapshot.InstanceSnapshot) *dir {
