@@ -47,10 +47,20 @@ func (c *closingFiles) any(refs []snapshot.SnapshotRef) bool {
 // already closed: the kernel sends them within milliseconds.
 const releaseWait = 2 * time.Second
 
-// deleteWaiting runs del, a delete of refs, again while it fails with
-// ErrBusy and a file of refs is closed but not yet released, for at most
-// releaseWait.
-func (f *filesystem) deleteWaiting(ctx context.Context, refs func() []snapshot.SnapshotRef, del func() error) error {
+// deleteWaiting runs del, the rmdir of what (a delete of refs), again
+// while it fails with ErrBusy and a file of refs is closed but not yet
+// released, for at most releaseWait. rmdir can only say EBUSY, so a delete
+// still busy is logged with why: which clones, which instance snapshot.
+func (f *filesystem) deleteWaiting(ctx context.Context, what string, refs func() []snapshot.SnapshotRef, del func() error) error {
+	err := f.retryWhileClosing(ctx, refs, del)
+	if errors.Is(err, snapshot.ErrBusy) {
+		f.log.Printf("snapfs: rmdir %s: %v", what, err)
+	}
+	return err
+}
+
+// retryWhileClosing is deleteWaiting's loop.
+func (f *filesystem) retryWhileClosing(ctx context.Context, refs func() []snapshot.SnapshotRef, del func() error) error {
 	deadline := time.Now().Add(releaseWait)
 	for {
 		err := del()

@@ -2,7 +2,6 @@ package fs
 
 import (
 	"context"
-	"errors"
 	"time"
 
 	"snapfs/snapshot"
@@ -170,8 +169,6 @@ func (c instanceSnapshotsContents) mkdir(ctx context.Context, name string) (tree
 
 // rmdir deletes the instance snapshot and its disk snapshots: EBUSY while
 // a file of one of them is open, or while a disk snapshot has clones.
-// rmdir can only say EBUSY, so the log says why, as for a volume's
-// snapshot (snapshotsContents.rmdir).
 func (c instanceSnapshotsContents) rmdir(ctx context.Context, name string) error {
 	mctx, cancel := c.fsys.mutationContext(ctx)
 	defer cancel()
@@ -186,13 +183,9 @@ func (c instanceSnapshotsContents) rmdir(ctx context.Context, name string) error
 		}
 		return out
 	}
-	err := c.fsys.deleteWaiting(mctx, refs, func() error {
+	return c.fsys.deleteWaiting(mctx, c.instance+"/snapshots/"+name, refs, func() error {
 		return c.fsys.manager.DeleteInstanceSnapshot(mctx, c.instance, name)
 	})
-	if errors.Is(err, snapshot.ErrBusy) {
-		c.fsys.log.Printf("snapfs: rmdir %s/snapshots/%s: %v", c.instance, name, err)
-	}
-	return err
 }
 
 func (c instanceSnapshotsContents) snapshotDir(s snapshot.InstanceSnapshot) *dir {

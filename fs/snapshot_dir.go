@@ -2,7 +2,6 @@ package fs
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"time"
 
@@ -88,19 +87,14 @@ func (c snapshotsContents) mkdir(ctx context.Context, name string) (treeNode, er
 
 // rmdir deletes a snapshot, unless a file of it is open here (EBUSY, from
 // the manager's holds); the backend refuses too while something depends on
-// it (clones, an instance snapshot). rmdir can only say EBUSY, so the log
-// says why: which clones, which instance snapshot.
+// it (clones, an instance snapshot).
 func (c snapshotsContents) rmdir(ctx context.Context, name string) error {
 	mctx, cancel := c.fsys.mutationContext(ctx)
 	defer cancel()
 	ref := []snapshot.SnapshotRef{{Volume: c.volume, Snapshot: name}}
-	err := c.fsys.deleteWaiting(mctx, func() []snapshot.SnapshotRef { return ref }, func() error {
+	return c.fsys.deleteWaiting(mctx, name, func() []snapshot.SnapshotRef { return ref }, func() error {
 		return c.fsys.manager.DeleteSnapshot(mctx, c.volume, name)
 	})
-	if errors.Is(err, snapshot.ErrBusy) {
-		c.fsys.log.Printf("snapfs: rmdir %s: %v", name, err)
-	}
-	return err
 }
 
 // snapshotDir returns the directory of snapshot s. Its entry is cached
