@@ -5,6 +5,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // The kernel flag of a task that has begun to exit (include/linux/sched.h).
@@ -51,8 +52,8 @@ func callerExitFailed(pid int) (failed bool, how string) {
 	if pid <= 0 {
 		return false, ""
 	}
-	stat, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
+	stat, ok := readProcStat(pid)
+	if !ok {
 		return false, ""
 	}
 	// The command name (field 2) is in parentheses and may hold spaces
@@ -80,4 +81,33 @@ func callerExitFailed(pid int) (failed bool, how string) {
 		return true, "exited with status " + strconv.FormatInt(status, 10)
 	}
 	return false, ""
+}
+
+// procStatWait bounds the wait for /proc/PID/stat. The kernel makes that
+// read wait while the process is in execve, and an exec that closes a
+// close-on-exec descriptor of a snapfs file waits for snapfs to answer
+// its FLUSH: waiting longer would hang both for good.
+const procStatWait = time.Second
+
+// readProcStat returns /proc/PID/stat, or false if it cannot be read, or
+// not within procStatWait: then pid is exec'ing, which is no failure. The
+// read left behind ends with the exec, once the FLUSH is answered.
+func readProcStat(pid int) ([]byte, bool) {
+	type result struct {
+		stat []byte
+		err  error
+	}
+	done := make(chan result, 1)
+	go func() {
+		stat, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+		done <- result{stat, err}
+	}()
+	timer := time.NewTimer(procStatWait)
+	defer timer.Stop()
+	select {
+	case r := <-done:
+		return r.stat, r.err == nil
+	case <-timer.C:
+		return nil, false
+	}
 }

@@ -263,10 +263,17 @@ func (f *importFile) Getattr(ctx context.Context, _ fusefs.FileHandle, out *fuse
 // file (cp ends a sparse copy with ftruncate; O_TRUNC comes as size 0).
 // Mode, owner and times are accepted and ignored, so that cp -p and rsync
 // -t do not fail: the volume gets its own.
+//
+// O_TRUNC while another writer has the file open is refused (EBUSY): it
+// is a second cp to the same name, whose image would be mixed with the
+// first one's and imported as neither, with both cps reporting success.
 func (f *importFile) Setattr(ctx context.Context, _ fusefs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
 	if size, ok := in.GetSize(); ok {
 		f.mu.Lock()
 		err := f.writable()
+		if err == nil && size == 0 && f.writers > 1 {
+			err = fmt.Errorf("%w: %s is being written by another writer", snapshot.ErrBusy, f.path())
+		}
 		if err == nil {
 			err = f.staged.Truncate(int64(size))
 			f.dirty = true

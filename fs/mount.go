@@ -121,7 +121,13 @@ func Mount(mountpoint string, cfg Config) (*Server, error) {
 		NullPermissions: true,
 		Logger:          fsys.log,
 	}
-	srv, err := fusefs.Mount(abs, fsys.newRoot(cfg.Pools), opts)
+	// fusefs.Mount, with closeOwners between the kernel and the nodes.
+	raw := newCloseOwners(fusefs.NewNodeFS(fsys.newRoot(cfg.Pools), opts))
+	srv, err := fuse.NewServer(raw, abs, &opts.MountOptions)
+	if err == nil {
+		go srv.Serve()
+		err = srv.WaitMount()
+	}
 	if err != nil {
 		fsys.cancel()
 		return nil, fmt.Errorf("mounting on %s: %w", abs, err)

@@ -20,7 +20,9 @@ type Options struct {
 	// ErrDataFile.
 	OpenDataFile Opener
 	// Untrusted marks input from users: external data files are refused
-	// whatever OpenDataFile says.
+	// whatever OpenDataFile says, and a top image probed as raw that
+	// bears the signature of another format (VMDK, VHDX, LUKS, ...) is
+	// refused with ErrForeign (ErrEncrypted for LUKS).
 	Untrusted bool
 	// Format forces the format of the top image instead of probing it.
 	Format *Format
@@ -143,6 +145,11 @@ func openLayer(f File, format *Format, opts Options) (layer, *BackingRef, error)
 		}
 	}
 	if fm == FormatRaw {
+		if opts.Untrusted && format == nil {
+			if err := checkNotForeign(f); err != nil {
+				return nil, nil, err
+			}
+		}
 		return &rawLayer{f: f}, nil, nil
 	}
 	l, err := openQcow2(f, opts.Cache, opts.Decompress)

@@ -26,6 +26,9 @@ var (
 	// ErrDataFile: the image keeps its data in an external data file, which
 	// is refused for untrusted images.
 	ErrDataFile = errors.New("qcow: external data file")
+	// ErrForeign: an untrusted image is in a format that is neither raw
+	// nor qcow2 (VMDK, VHDX, ...), which would otherwise read as raw.
+	ErrForeign = errors.New("qcow: not a raw or qcow2 image")
 )
 
 // Format is the on-disk format of one layer.

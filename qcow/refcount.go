@@ -106,7 +106,8 @@ func refcountAt(block []byte, i int64, bits uint) uint64 {
 
 // Verify checks the top layer's metadata the way qemu-img check would refuse
 // it: every L2 table and every data cluster must lie inside the file, be
-// aligned, and be counted in the refcounts. It reads all L2 tables and
+// aligned, and be counted in the refcounts; and no cluster may have two
+// jobs (see clusterClaims). It reads all L2 tables and
 // refcount blocks, but no data. It returns an error wrapping ErrCorrupt.
 func (c *Chain) Verify(ctx context.Context) error {
 	l, ok := c.layers[0].(*qcowLayer)
@@ -129,11 +130,33 @@ func (c *Chain) Verify(ctx context.Context) error {
 		}
 		return nil
 	}
+	claims := newClusterClaims(h.clusterBits, l.f.Size())
 	for _, m := range []struct {
-		what string
-		off  uint64
-	}{{"header", 0}, {"L1 table", h.l1Offset}, {"refcount table", h.refTableOffset}} {
-		if err := counted(m.what, int64(m.off)); err != nil {
+		what      string
+		off, size int64
+	}{
+		{"header", 0, int64(h.headerLength)},
+		{"L1 table", int64(h.l1Offset), int64(h.l1Size) * 8},
+		{"refcount table", int64(h.refTableOffset), int64(h.refTableClusters) * cs},
+	} {
+		if err := counted(m.what, m.off); err != nil {
+			return err
+		}
+		if err := claims.claim(m.what, m.off, max(m.size, 1)); err != nil {
+			return err
+		}
+	}
+	if err := rc.load(); err != nil {
+		return err
+	}
+	for i, off := range rc.table {
+		if off == 0 {
+			continue
+		}
+		if int64(off) > l.f.Size()-cs {
+			return corruptf("refcount block %d at %#x is past the end of the file", i, off)
+		}
+		if err := claims.claim(fmt.Sprintf("refcount block %d", i), int64(off), cs); err != nil {
 			return err
 		}
 	}
@@ -150,19 +173,26 @@ func (c *Chain) Verify(ctx context.Context) error {
 		if err := counted(fmt.Sprintf("L2 table %d", i), l2Off); err != nil {
 			return err
 		}
+		// Claimed before it is read: a table named twice is refused
+		// before its second walk.
+		if err := claims.claim(fmt.Sprintf("L2 table %d", i), l2Off, cs); err != nil {
+			return err
+		}
 		table, err := l.l2Table(l2Off)
 		if err != nil {
 			return err
 		}
 		// Sorted, the entries of a table visit each refcount block once,
 		// however a hostile table scatters them.
-		hosts := hosts[:0]
+		hosts = hosts[:0]
 		for j := int64(0); j < h.l2Entries(); j++ {
 			entry := l2Entry(binary.BigEndian.Uint64(table[j*entryBytes:]))
 			var host int64
 			switch {
 			case entry.compressed():
-				host, _ = entry.compressedRange(h.clusterBits)
+				var size int64
+				host, size = entry.compressedRange(h.clusterBits)
+				err = claims.claimCompressed("compressed data", host, size)
 			case l.data != l.f:
 				continue // data lives in another file
 			default:
@@ -170,15 +200,26 @@ func (c *Chain) Verify(ctx context.Context) error {
 				if host%cs != 0 {
 					return corruptf("L2 entry %d of table %d has an unaligned offset %#x", j, i, host)
 				}
+				if host != 0 {
+					err = claims.claim("data cluster", host, cs)
+				}
+			}
+			if err != nil {
+				return err
 			}
 			if host != 0 {
 				hosts = append(hosts, host)
 			}
 		}
 		slices.Sort(hosts)
-		for _, host := range hosts {
+		for k, host := range hosts {
 			if err := counted("data cluster", host); err != nil {
 				return err
+			}
+			// Compressed data may share clusters, but one stream
+			// named twice is a cluster of data twice.
+			if k > 0 && host == hosts[k-1] {
+				return corruptf("L2 table %d names the data at %#x twice", i, host)
 			}
 		}
 	}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"snapfs/internal/qemutest"
@@ -50,5 +51,62 @@ func TestVerifyRefusesUncounted(t *testing.T) {
 	err = openChain(t, bad).Verify(context.Background())
 	if !errors.Is(err, qcow.ErrCorrupt) {
 		t.Fatalf("got %v, want ErrCorrupt", err)
+	}
+}
+
+// TestVerifyRefusesSharedClusters: a cluster with two jobs in the active
+// tables is corrupt, whatever the refcounts say. QEMU never writes one; a
+// hostile image uses one to make Verify walk one L2 table per L1 entry, or
+// to make a file of kilobytes read as gigabytes of data.
+func TestVerifyRefusesSharedClusters(t *testing.T) {
+	dir := t.TempDir()
+	// 4 KiB clusters: an L2 table maps 2 MiB, so 4 MiB takes two.
+	img := qemutest.Create(t, "qcow2", filepath.Join(dir, "img.qcow2"), "4M", "-o", "cluster_size=4k")
+	qemutest.IO(t, img, "write -P 1 0 8k", "write -P 2 2M 4k")
+	comp := qemutest.Create(t, "qcow2", filepath.Join(dir, "comp.qcow2"), "4M", "-o", "cluster_size=4k")
+	qemutest.IO(t, comp, "write -c -P 3 0 4k", "write -c -P 4 4k 4k")
+	if err := openChain(t, img).Verify(context.Background()); err != nil {
+		t.Fatalf("the image as qemu wrote it: %v", err)
+	}
+	be := binary.BigEndian
+	const offsetMask = 0x00fffffffffffe00
+	for _, c := range []struct {
+		name string
+		from string
+		poke func(data []byte)
+		says string
+	}{
+		{"L2 table named twice", img, func(data []byte) {
+			l1 := be.Uint64(data[40:])
+			be.PutUint64(data[l1+8:], be.Uint64(data[l1:]))
+		}, "L2 table 1"},
+		{"data cluster named twice", img, func(data []byte) {
+			l2 := be.Uint64(data[be.Uint64(data[40:]):]) & offsetMask
+			be.PutUint64(data[l2+8:], be.Uint64(data[l2:]))
+		}, "data cluster"},
+		{"data in the L1 table", img, func(data []byte) {
+			l1 := be.Uint64(data[40:])
+			l2 := be.Uint64(data[l1:]) & offsetMask
+			e := be.Uint64(data[l2:])
+			be.PutUint64(data[l2:], e&^offsetMask|l1)
+		}, "data cluster"},
+		{"compressed data named twice", comp, func(data []byte) {
+			l2 := be.Uint64(data[be.Uint64(data[40:]):]) & offsetMask
+			be.PutUint64(data[l2+8:], be.Uint64(data[l2:]))
+		}, "twice"},
+	} {
+		data, err := os.ReadFile(c.from)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.poke(data)
+		bad := filepath.Join(dir, "bad.qcow2")
+		if err := os.WriteFile(bad, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		err = openChain(t, bad).Verify(context.Background())
+		if !errors.Is(err, qcow.ErrCorrupt) || !strings.Contains(err.Error(), c.says) {
+			t.Errorf("%s: got %v, want ErrCorrupt naming %q", c.name, err, c.says)
+		}
 	}
 }

@@ -15,10 +15,11 @@ set -euo pipefail
 # libvirtd of scripts/libvirt/start.sh and its TCG guests; e2fsprogs:
 # mkfs.ext4 and dumpe2fs for the guests' data disks; qemu-block-extra:
 # qemu's rbd block driver, for a guest with an RBD disk (only a Recommends
-# of qemu-system-x86).
+# of qemu-system-x86); python3: tests that need a process which execs itself
+# or holds memory (Go cannot do either on its own).
 packages=(qemu-utils fuse3 gcc rsync librados-dev librbd-dev ceph-mon ceph-osd ceph-mgr ceph-common rbd-fuse
 	pkg-config libvirt-dev libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 e2fsprogs
-	qemu-block-extra)
+	qemu-block-extra python3)
 
 missing=()
 for p in "${packages[@]}"; do

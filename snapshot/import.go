@@ -170,6 +170,8 @@ func importRefusal(err error) error {
 		if !strings.Contains(err.Error(), "decrypt") {
 			msg += "; decrypt it first (qemu-img convert with --object secret and -O qcow2)"
 		}
+	case errors.Is(err, qcow.ErrForeign):
+		msg = fmt.Sprintf("import: only raw and qcow2 images are taken (%v); convert it first (%s)", err, flattenHint)
 	case errors.Is(err, qcow.ErrCorrupt):
 		msg = fmt.Sprintf("import: image is damaged or truncated (%v); check it with qemu-img check", err)
 	case errors.Is(err, qcow.ErrLimit), errors.Is(err, qcow.ErrChain):

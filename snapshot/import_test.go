@@ -118,6 +118,15 @@ func TestImportRefused(t *testing.T) {
 	// A huge L1 table: 2^25 entries (256 MiB) claimed in the header.
 	qemutest.Create(t, "qcow2", path("bigl1.qcow2"), "1M")
 	patch(t, path("bigl1.qcow2"), 36, 1<<25)
+	// Other formats, which would read as raw: their metadata would be
+	// the guest's disk.
+	for _, format := range []string{"vmdk", "vhdx", "vdi", "qed", "vpc", "parallels"} {
+		qemutest.Create(t, format, path("foreign."+format), "1M")
+	}
+	luks := append([]byte("LUKS\xba\xbe\x00\x01"), make([]byte, 1<<20)...)
+	if err := os.WriteFile(path("luks.raw"), luks, 0o600); err != nil {
+		t.Fatal(err)
+	}
 
 	for _, c := range []struct {
 		file  string
@@ -132,6 +141,13 @@ func TestImportRefused(t *testing.T) {
 		{"empty.raw", qcow.ErrLimit, "empty"},
 		{"truncated.qcow2", qcow.ErrCorrupt, "damaged or truncated"},
 		{"bigl1.qcow2", nil, "import: "},
+		{"foreign.vmdk", qcow.ErrForeign, "a VMDK image); convert it first (qemu-img convert -O qcow2"},
+		{"foreign.vhdx", qcow.ErrForeign, "a VHDX image"},
+		{"foreign.vdi", qcow.ErrForeign, "a VDI image"},
+		{"foreign.qed", qcow.ErrForeign, "a QED image"},
+		{"foreign.vpc", qcow.ErrForeign, "a VHD (vpc) image"},
+		{"foreign.parallels", qcow.ErrForeign, "a Parallels image"},
+		{"luks.raw", qcow.ErrEncrypted, "LUKS"},
 	} {
 		_, err := importFile(ctx, s, "new", path(c.file), nil)
 		var ie *ImportError
