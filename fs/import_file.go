@@ -35,7 +35,8 @@ import (
 // snapshot.ErrInvalid; a full disk is ENOSPC; an import cut short is
 // EINTR. Either way the staging file is removed.
 //
-// When a FLUSH comes:
+// When a FLUSH comes (only from the writer's own close: closeOwners drops
+// those of its forked children and of its execs):
 //   - nothing was written or truncated yet: nothing to import (a shell opens
 //     the file, dup2s it to stdout and closes the first descriptor before
 //     cat writes anything);
@@ -476,7 +477,11 @@ func (f *importFile) finish(result error) {
 	switch {
 	case result == nil:
 		f.fsys.log.Printf("snapfs: imported volumes/%s", f.name)
-	case result != errNothingWritten:
+	case result == errNothingWritten:
+		// cp of an empty file, or touch: close(2) could not say so
+		// (a shell's redirection closes before anything is written).
+		f.fsys.log.Printf("snapfs: import %s: nothing was written, so nothing was imported", f.name)
+	default:
 		f.fsys.log.Printf("snapfs: import %s failed, nothing imported: %v", f.name, result)
 	}
 }

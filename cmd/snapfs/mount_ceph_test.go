@@ -417,3 +417,43 @@ func TestMountCephCloneAcrossPools(t *testing.T) {
 		t.Errorf("rmdir of s1 once its clones are flat: %v", err)
 	}
 }
+
+// TestVolumeFlattenPool: `snapfs volume flatten --pool` flattens an RBD
+// clone (rbd info shows no parent after), which reads as before, and
+// prints the volume with --json; a wrong pool count is a usage error.
+func TestVolumeFlattenPool(t *testing.T) {
+	conf := startCeph(t)
+	work := t.TempDir()
+	raw := filepath.Join(work, "base.raw")
+	if err := os.WriteFile(raw, bytes.Repeat([]byte{0x5c}, 8<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	rbd(t, conf, "import", "--no-progress", raw, "rbd/base")
+	rbd(t, conf, "snap", "create", "rbd/base@s1")
+	rbd(t, conf, "snap", "protect", "rbd/base@s1")
+	rbd(t, conf, "clone", "rbd/base@s1", "rbd/kid")
+	if info := rbd(t, conf, "info", "rbd/kid"); !bytes.Contains(info, []byte("parent: rbd/base@s1")) {
+		t.Fatalf("rbd clone made no clone:\n%s", info)
+	}
+
+	mustFailWith(t, []string{"volume", "flatten", "--ceph-conf", conf, "--pool", "rbd,rbd", "kid"}, "one pool")
+	out := mustSucceed(t, "volume", "flatten", "--ceph-conf", conf, "--pool", "rbd", "--json", "kid")
+	var v struct {
+		Name   string          `json:"name"`
+		Parent json.RawMessage `json:"parent"`
+	}
+	if err := json.Unmarshal([]byte(out), &v); err != nil || v.Name != "kid" || v.Parent != nil {
+		t.Errorf("flatten --json printed %q (%v): want volume kid without a parent", out, err)
+	}
+	if info := rbd(t, conf, "info", "rbd/kid"); bytes.Contains(info, []byte("parent:")) {
+		t.Errorf("rbd/kid still has a parent after the flatten:\n%s", info)
+	}
+	exported := filepath.Join(work, "kid.raw")
+	rbd(t, conf, "export", "--no-progress", "rbd/kid", exported)
+	if got, err := os.ReadFile(exported); err != nil || !bytes.Equal(got, bytes.Repeat([]byte{0x5c}, 8<<20)) {
+		t.Errorf("rbd/kid after the flatten does not read as rbd/base@s1 (%v)", err)
+	}
+	// The parent snapshot is free now: rbd can remove it.
+	rbd(t, conf, "snap", "unprotect", "rbd/base@s1")
+	rbd(t, conf, "snap", "rm", "--no-progress", "rbd/base@s1")
+}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"math"
@@ -202,28 +203,64 @@ volume flatten NEW) or delete it first.`,
 	},
 }
 
+// flattenCeph names the pool of `snapfs volume flatten --pool`.
+var flattenCeph cephFlags
+
 var volumeFlattenCmd = &cobra.Command{
-	Use:   "flatten [--store DIR] [--json] NAME",
+	Use:   "flatten [--store DIR | --ceph-conf FILE --pool POOL] [--json] NAME",
 	Short: "Copy into a clone what it reads from its parent, and cut the link",
 	Long: `flatten copies into volume NAME, a clone, everything it still reads from the
 snapshot it was cloned from, then cuts the link: the snapshot can then be
 deleted. The volume reads the same throughout. It is safe to interrupt (Ctrl-C,
 a crash): the clone stays a clone, and flatten can be run again. Progress shows
 as a bar on a terminal, and as "flatten" in snapfs volume list --json and in
-the mount's info.json. A volume that is no clone is left as it is.`,
+the mount's info.json. A volume that is no clone is left as it is.
+
+With --pool (and --ceph-conf, --ceph-id), NAME is an RBD image of that pool,
+flattened by rbd flatten; its progress shows here only (a mount shows the
+parent link until it goes).`,
 	Args:                  exactArgs(1),
 	DisableFlagsInUseLine: true,
 	RunE: func(cmd *cobra.Command, args []string) error {
+		if flattenCeph.enabled() {
+			return flattenInPool(cmd, args[0])
+		}
 		return withStore(cmd, func(ctx context.Context, s *snapshot.LocalStore) error {
-			bar := newProgress(args[0])
-			err := s.Flatten(snapshot.WithProgress(ctx, bar.Update), args[0])
-			bar.Finish()
-			if err != nil {
-				return err
-			}
-			return printQuiet(cmd, s, args[0])
+			return flattenWithBar(cmd, s, args[0])
 		})
 	},
+}
+
+// flattenInPool is `snapfs volume flatten --pool POOL NAME`.
+func flattenInPool(cmd *cobra.Command, name string) error {
+	if len(flattenCeph.pools) != 1 {
+		return usageError{fmt.Errorf("--pool names the one pool of volume %s, not %d", name, len(flattenCeph.pools))}
+	}
+	if storeFlags.dir != "" {
+		return usageError{errors.New("give --store or --pool, not both")}
+	}
+	pools, closeCeph, err := openCeph(&flattenCeph)
+	if err != nil {
+		return err
+	}
+	defer closeCeph()
+	return flattenWithBar(cmd, pools[0].Backend, name)
+}
+
+// flattenWithBar flattens volume name of b, with a progress bar on a
+// terminal, and prints the volume with --json.
+func flattenWithBar(cmd *cobra.Command, b snapshot.Backend, name string) error {
+	cloner, ok := b.(snapshot.Cloner)
+	if !ok {
+		return fmt.Errorf("%w: %s has no clones to flatten", snapshot.ErrUnsupported, b.Name())
+	}
+	bar := newProgress(name)
+	err := cloner.Flatten(snapshot.WithProgress(cmd.Context(), bar.Update), name)
+	bar.Finish()
+	if err != nil {
+		return err
+	}
+	return printQuiet(cmd, b, name)
 }
 
 var volumeRevertCmd = &cobra.Command{
@@ -322,7 +359,7 @@ func volumeExport(path string) (disk, meta string, err error) {
 
 // printQuiet prints volume name with --json; a mutation that worked says
 // nothing otherwise, as delete does.
-func printQuiet(cmd *cobra.Command, s *snapshot.LocalStore, name string) error {
+func printQuiet(cmd *cobra.Command, s snapshot.Backend, name string) error {
 	if !storeFlags.json {
 		return nil
 	}
@@ -336,6 +373,7 @@ func printQuiet(cmd *cobra.Command, s *snapshot.LocalStore, name string) error {
 func init() {
 	addStoreFlags(volumeCmd)
 	volumeImportCmd.Flags().StringArrayVar(&importMeta, "meta", nil, "user metadata to keep with the volume (repeatable)")
+	addCephFlags(volumeFlattenCmd.Flags(), &flattenCeph)
 	volumeCmd.AddCommand(volumeCreateCmd, volumeListCmd, volumeDeleteCmd, volumeImportCmd,
 		volumeCloneCmd, volumeFlattenCmd, volumeRevertCmd, volumeRestoreCmd)
 	rootCmd.AddCommand(volumeCmd)
