@@ -87,28 +87,21 @@ func (p *Pool) CloneInto(ctx context.Context, vol, snap string, dst *Pool, newNa
 	} else {
 		err = wrap("snap info "+p.spec(vol)+"@"+snap, err)
 	}
+	protectedHere := false
 	if err == nil && format == 1 {
-		err = protect(parent.GetSnapshot(snap), p.spec(vol)+"@"+snap)
+		protectedHere, err = protect(parent.GetSnapshot(snap), p.spec(vol)+"@"+snap)
 	}
 	parent.Close()
 	if err != nil {
 		return snapshot.Volume{}, err
 	}
-	opts := rbd.NewRbdImageOptions()
-	defer opts.Destroy()
-	if err := opts.SetUint64(rbd.ImageOptionCloneFormat, format); err != nil {
-		return snapshot.Volume{}, wrap("clone options", err)
-	}
-	io, err := p.io()
-	if err != nil {
+	if err := p.cloneImage(vol, snap, dst, newName, format); err != nil {
+		if protectedHere {
+			// As it was: a snapshot left protected refuses rbd
+			// snap rm with nothing to show why.
+			err = errors.Join(err, p.unprotect(vol, snap))
+		}
 		return snapshot.Volume{}, err
-	}
-	err = rbd.CloneImage(io, vol, snap, dst.ioctx, newName, opts)
-	if errnoOf(err) == syscall.EEXIST {
-		return snapshot.Volume{}, fmt.Errorf("%w: volume %q", snapshot.ErrExists, newName)
-	}
-	if err != nil {
-		return snapshot.Volume{}, wrap(fmt.Sprintf("clone %s@%s %s", p.spec(vol), snap, dst.spec(newName)), err)
 	}
 	// rbd clone copies the parent's image-meta: its snapfs records would be
 	// ignored (they name the parent's id) but only clutter the clone.
@@ -119,16 +112,48 @@ func (p *Pool) CloneInto(ctx context.Context, vol, snap string, dst *Pool, newNa
 	return dst.Volume(ctx, newName)
 }
 
-// protect protects snap unless it is already.
-func protect(snap *rbd.Snapshot, what string) error {
+// cloneImage runs rbd clone of vol@snap as newName of dst, in the given
+// clone format.
+func (p *Pool) cloneImage(vol, snap string, dst *Pool, newName string, format uint64) error {
+	opts := rbd.NewRbdImageOptions()
+	defer opts.Destroy()
+	if err := opts.SetUint64(rbd.ImageOptionCloneFormat, format); err != nil {
+		return wrap("clone options", err)
+	}
+	io, err := p.io()
+	if err != nil {
+		return err
+	}
+	err = rbd.CloneImage(io, vol, snap, dst.ioctx, newName, opts)
+	if errnoOf(err) == syscall.EEXIST {
+		return fmt.Errorf("%w: volume %q", snapshot.ErrExists, newName)
+	}
+	return wrap(fmt.Sprintf("clone %s@%s %s", p.spec(vol), snap, dst.spec(newName)), err)
+}
+
+// protect protects snap unless it is already, and reports whether it did.
+func protect(snap *rbd.Snapshot, what string) (bool, error) {
 	ok, err := snap.IsProtected()
 	if err != nil {
-		return wrap("snap info "+what, err)
+		return false, wrap("snap info "+what, err)
 	}
 	if ok {
-		return nil
+		return false, nil
 	}
-	return wrap("snap protect "+what, snap.Protect())
+	if err := snap.Protect(); err != nil {
+		return false, wrap("snap protect "+what, err)
+	}
+	return true, nil
+}
+
+// unprotect unprotects snapshot snap of vol.
+func (p *Pool) unprotect(vol, snap string) error {
+	img, err := p.openImage(vol, "", true)
+	if err != nil {
+		return err
+	}
+	defer img.Close()
+	return wrap("snap unprotect "+p.spec(vol)+"@"+snap, img.GetSnapshot(snap).Unprotect())
 }
 
 // releases orders the Ceph releases require_min_compat_client names.

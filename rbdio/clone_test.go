@@ -6,9 +6,11 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"snapfs/qcow"
 	"snapfs/snapshot"
@@ -408,5 +410,43 @@ func TestDeleteVolumeWithSnapshots(t *testing.T) {
 	}
 	if _, err := p.Volume(c, other); !errors.Is(err, snapshot.ErrNotFound) {
 		t.Errorf("after delete: %v", err)
+	}
+}
+
+// TestCloneFailureUnprotects: a format-1 clone protects its snapshot
+// first; when the clone then fails (here: the client may only read the
+// destination pool), the snapshot is unprotected again, as it was, so that
+// rbd snap rm still works, and no volume appears.
+func TestCloneFailureUnprotects(t *testing.T) {
+	c := ctx(t)
+	cli(t, "ceph", "osd", "set-require-min-compat-client", "luminous")
+	other := uniqueName(t, "snapfs-ro")
+	cli(t, "ceph", "osd", "pool", "create", other, "8", "8")
+	t.Cleanup(func() { cli(t, "ceph", "osd", "pool", "rm", other, other, "--yes-i-really-really-mean-it") })
+	cli(t, "rbd", "pool", "init", other)
+	id := uniqueName(t, "reader")
+	keyring := filepath.Join(t.TempDir(), "keyring")
+	cli(t, "ceph", "auth", "get-or-create", "client."+id, "mon", "profile rbd",
+		"osd", "profile rbd pool="+testPool+", profile rbd-read-only pool="+other, "-o", keyring)
+	t.Cleanup(func() { cli(t, "ceph", "auth", "del", "client."+id) })
+	cl, err := Open(Config{CephConf: cephConf, ID: id, Keyring: keyring, Pools: []string{testPool, other}, Timeout: 30 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cl.Close() }) // after the cleanups of base
+	p, q := cl.Pools()[0], cl.Pools()[1]
+	vol := base(t, p)
+	name := uniqueName(t, "refused")
+	if _, err := p.CloneInto(c, vol, "base", q, name); err == nil {
+		q.DeleteVolume(c, name)
+		t.Fatal("a clone into a pool the client may only read succeeded")
+	} else {
+		t.Logf("refused as it should be: %v", err)
+	}
+	if protected(t, testPool+"/"+vol+"@base") {
+		t.Errorf("the snapshot stayed protected after the failed clone")
+	}
+	if _, err := q.Volume(c, name); !errors.Is(err, snapshot.ErrNotFound) {
+		t.Errorf("the failed clone left a volume: %v", err)
 	}
 }
