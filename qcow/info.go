@@ -32,7 +32,7 @@ type Info struct {
 // it reads metadata but no data.
 func (c *Chain) Info() (*Info, error) {
 	info := &Info{VirtualSize: c.Size()}
-	for i, l := range c.layers {
+	for _, l := range c.layers {
 		li := LayerInfo{Name: l.file().Name(), VirtualSize: l.size(), FileSize: l.file().Size()}
 		if ql, ok := l.(*qcowLayer); ok {
 			h := ql.h
@@ -50,28 +50,30 @@ func (c *Chain) Info() (*Info, error) {
 		}
 		// This layer alone: a one-layer chain over it.
 		own := &Chain{layers: []layer{l}, sizes: []int64{l.size()}}
-		ext, err := own.Extents(0, l.size())
-		if err != nil {
+		var err error
+		if li.AllocatedBytes, err = own.dataBytes(); err != nil {
 			return nil, err
 		}
-		for _, e := range ext {
-			if e.Kind == Data {
-				li.AllocatedBytes += e.Length
-			}
-		}
 		info.Layers = append(info.Layers, li)
-		_ = i
 	}
-	ext, err := c.Extents(0, c.Size())
-	if err != nil {
+	var err error
+	if info.AllocatedBytes, err = c.dataBytes(); err != nil {
 		return nil, err
 	}
-	for _, e := range ext {
-		if e.Kind == Data {
-			info.AllocatedBytes += e.Length
-		}
-	}
 	return info, nil
+}
+
+// dataBytes counts the bytes of the chain that read from data. It walks
+// the allocation map without keeping it: a hostile image may map every
+// cluster differently from the next.
+func (c *Chain) dataBytes() (int64, error) {
+	var n int64
+	err := c.mapLayer(0, 0, c.Size(), func(e Extent) {
+		if e.Kind == Data {
+			n += e.Length
+		}
+	})
+	return n, err
 }
 
 // featureNames lists the features a qcow2 header has set.
