@@ -50,12 +50,19 @@ func TestImportSecondWriter(t *testing.T) {
 	if err := f.Close(); err != nil {
 		t.Fatalf("close of the first writer: %v", err)
 	}
-	want := filepath.Join(dir, "first.raw")
-	if err := os.WriteFile(want, first, 0o600); err != nil {
+	checkImportedBytes(t, m, staging, "dup", first)
+}
+
+// checkImportedBytes checks that volumes/name reads as want, and that the
+// import left nothing behind.
+func checkImportedBytes(t *testing.T, m *mounted, staging, name string, want []byte) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), name+".raw")
+	if err := os.WriteFile(path, want, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	checkImported(t, m, "dup", want)
-	noLeftovers(t, m, staging, "dup")
+	checkImported(t, m, name, path)
+	noLeftovers(t, m, staging, name)
 }
 
 // TestImportForkedChildren: a writer of import/NAME that starts programs
@@ -97,12 +104,7 @@ func TestImportForkedChildren(t *testing.T) {
 	if err := f.Close(); err != nil {
 		t.Fatalf("close: %v", err)
 	}
-	path := filepath.Join(t.TempDir(), "want.raw")
-	if err := os.WriteFile(path, want, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	checkImported(t, m, "kids", path)
-	noLeftovers(t, m, staging, "kids")
+	checkImportedBytes(t, m, staging, "kids", want)
 }
 
 // TestImportWriterExecs: a writer that execs another program with
@@ -122,10 +124,5 @@ os.execv("/bin/true", ["true"])
 	if out, err := exec.Command("python3", "-c", script, imp).CombinedOutput(); err != nil {
 		t.Fatalf("python3: %v: %s", err, out)
 	}
-	path := filepath.Join(t.TempDir(), "want.raw")
-	if err := os.WriteFile(path, bytes.Repeat([]byte{0x33}, 1<<20), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	checkImported(t, m, "execd", path)
-	noLeftovers(t, m, staging, "execd")
+	checkImportedBytes(t, m, staging, "execd", bytes.Repeat([]byte{0x33}, 1<<20))
 }
