@@ -186,7 +186,8 @@ func (c *Cluster) cloneFormat() (uint64, error) {
 // sees the objects done, in bytes, and so does Volume.Flatten of this
 // process meanwhile (other processes see only the parent, until it goes).
 // It is safe to interrupt (ctx, or a kill): objects copied stay, and the
-// next Flatten goes on. A volume without a parent is left as it is.
+// next Flatten goes on. A volume without a parent is left as it is. A full
+// cluster or pool makes it time out, and the error says so.
 func (p *Pool) Flatten(ctx context.Context, vol string) error {
 	if err := lookupName(vol); err != nil {
 		return err
@@ -234,7 +235,7 @@ func (p *Pool) Flatten(ctx context.Context, vol string) error {
 	if errors.Is(err, syscall.ECANCELED) && ctx.Err() != nil {
 		return ctx.Err()
 	}
-	return wrap("flatten "+p.spec(vol), err)
+	return p.cluster.explainTimeout(wrap("flatten "+p.spec(vol), err))
 }
 
 // setFlatten records (pr) or forgets (nil) the flatten of vol running in

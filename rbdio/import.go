@@ -33,8 +33,10 @@ var zeros = make([]byte, zeroBlock)
 // name (atomic in RBD): the volume appears complete or not at all. On an
 // error the temporary image is removed; after a crash, the next Open
 // removes it (see Pool.sweep). The context's progress function
-// (snapshot.WithProgress) sees the bytes copied.
+// (snapshot.WithProgress) sees the bytes copied. A full cluster or pool
+// makes it time out, and the error says so.
 func (p *Pool) ImportVolume(ctx context.Context, name string, src qcow.Image, meta map[string]string) (_ snapshot.Volume, err error) {
+	defer func() { err = p.cluster.explainTimeout(err) }()
 	if err := snapshot.CheckVolumeName(name); err != nil {
 		return snapshot.Volume{}, err
 	}

@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -195,4 +196,45 @@ func diagnoseRecovery(t *testing.T, p *Pool, name string) bool {
 		t.Logf("end of osd.0.log:\n%s", log[max(0, len(log)-6000):])
 	}
 	return err == nil
+}
+
+// TestFullPoolSaysSo: writes to a pool over its quota wait, and end in
+// ErrTimeout; the error of an import says the pool is full, as the
+// cluster's health does, rather than read as a dead cluster.
+func TestFullPoolSaysSo(t *testing.T) {
+	full := uniqueName(t, "snapfs-full")
+	cli(t, "ceph", "osd", "pool", "create", full, "8", "8")
+	t.Cleanup(func() { cli(t, "ceph", "osd", "pool", "rm", full, full, "--yes-i-really-really-mean-it") })
+	cli(t, "rbd", "pool", "init", full)
+	cli(t, "ceph", "osd", "pool", "set-quota", full, "max_bytes", strconv.Itoa(4<<20))
+	filler := filepath.Join(t.TempDir(), "filler")
+	if err := os.WriteFile(filler, randomBytes(8<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cli(t, "rados", "-p", full, "put", "filler", filler)
+	// The monitors mark the pool full once the OSD reports its usage.
+	deadline := time.Now().Add(2 * time.Minute)
+	for !bytes.Contains(cli(t, "ceph", "health", "detail"), []byte("POOL_FULL")) {
+		if time.Now().After(deadline) {
+			t.Fatalf("pool %s over its quota is not marked full:\n%s", full, cli(t, "ceph", "health", "detail"))
+		}
+		time.Sleep(time.Second)
+	}
+
+	cl, err := Open(Config{CephConf: cephConf, Pools: []string{full}, Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	src, _ := sparseRaw(t, 16<<20)
+	img, err := snapshot.OpenUntrusted(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	_, err = cl.Pools()[0].ImportVolume(ctx(t), "into-full", img, nil)
+	if !errors.Is(err, ErrTimeout) || !strings.Contains(err.Error(), "the cluster is full") {
+		t.Fatalf("import into a full pool: %v; want ErrTimeout saying the cluster is full", err)
+	}
+	t.Log(err)
 }
