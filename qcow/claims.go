@@ -26,6 +26,9 @@ func newClusterClaims(clusterBits uint32, fileSize int64) *clusterClaims {
 // the end of the file there is nothing to share: that part is not
 // recorded.
 func (c *clusterClaims) claim(what string, off, size int64) error {
+	if off < 0 {
+		return corruptf("%s at %#x is outside the file", what, uint64(off))
+	}
 	for i := off >> c.clusterBits; i <= c.last(off, size); i++ {
 		if c.whole.has(i) || c.compressed.has(i) {
 			return corruptf("%s at %#x uses cluster %#x, which holds something else already", what, off, i<<c.clusterBits)
@@ -38,6 +41,9 @@ func (c *clusterClaims) claim(what string, off, size int64) error {
 // claimCompressed takes the clusters of a compressed cluster's data, at
 // [off, off+size), which other compressed data may share.
 func (c *clusterClaims) claimCompressed(what string, off, size int64) error {
+	if off < 0 {
+		return corruptf("%s at %#x is outside the file", what, uint64(off))
+	}
 	for i := off >> c.clusterBits; i <= c.last(off, size); i++ {
 		if c.whole.has(i) {
 			return corruptf("%s at %#x uses cluster %#x, which holds something else already", what, off, i<<c.clusterBits)
@@ -61,14 +67,14 @@ func newBitset(n int64) bitset { return make(bitset, (n+63)/64) }
 // len returns how many integers the set can hold.
 func (b bitset) len() int64 { return int64(len(b)) * 64 }
 
-// has reports whether i is in the set; an i past its end is not.
+// has reports whether i is in the set; an i outside it is not.
 func (b bitset) has(i int64) bool {
-	return i>>6 < int64(len(b)) && b[i>>6]&(1<<(i&63)) != 0
+	return i >= 0 && i>>6 < int64(len(b)) && b[i>>6]&(1<<(i&63)) != 0
 }
 
-// set adds i; an i past the set's end is left out.
+// set adds i; an i outside the set is left out.
 func (b bitset) set(i int64) {
-	if i>>6 < int64(len(b)) {
+	if i >= 0 && i>>6 < int64(len(b)) {
 		b[i>>6] |= 1 << (i & 63)
 	}
 }

@@ -153,7 +153,7 @@ func (c *Chain) Verify(ctx context.Context) error {
 		if off == 0 {
 			continue
 		}
-		if int64(off) > l.f.Size()-cs {
+		if int64(off) < 0 || int64(off) > l.f.Size()-cs {
 			return corruptf("refcount block %d at %#x is past the end of the file", i, off)
 		}
 		if err := claims.claim(fmt.Sprintf("refcount block %d", i), int64(off), cs); err != nil {
