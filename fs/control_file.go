@@ -101,7 +101,7 @@ func (h *controlHandle) run(ctx context.Context, line []byte) syscall.Errno {
 	if arg == "" {
 		return 0
 	}
-	mctx, cancel := h.file.fsys.mutationContext(ctx)
+	mctx, cancel := h.file.fsys.steadyContext(ctx)
 	defer cancel()
 	if err := h.file.action(mctx, arg); err != nil {
 		return h.file.fsys.errno(h.file.name+" "+arg, err)

@@ -384,6 +384,8 @@ func (h *imageHandle) Read(_ context.Context, dest []byte, off int64) (fuse.Read
 // allocation map, so that cp --sparse, rsync -S and tar -S skip the holes
 // without reading them.
 func (h *imageHandle) Lseek(ctx context.Context, off uint64, whence uint32) (uint64, syscall.Errno) {
+	ctx, cancel := h.fsys.steadyContext(ctx)
+	defer cancel()
 	pos, err := seekHoleData(ctx, h.extents, h.size(), int64(off), int(whence))
 	if err != nil {
 		return 0, h.fsys.errno("lseek "+h.name, err)

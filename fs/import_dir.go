@@ -251,7 +251,7 @@ func (d *importFolder) Symlink(ctx context.Context, target, name string, out *fu
 	if err == nil {
 		// A link where the restore wants a file (a disk) completes the
 		// folder as much as a file does, and the restore refuses it.
-		mctx, cancel := d.fsys.mutationContext(ctx)
+		mctx, cancel := d.fsys.steadyContext(ctx)
 		err = r.closed(mctx, nil)
 		cancel()
 		if err != nil {

@@ -365,7 +365,7 @@ func (f *importFile) flush(ctx context.Context) error {
 			return f.result
 		}
 	}
-	mctx, cancel := f.fsys.mutationContext(ctx)
+	mctx, cancel := f.fsys.steadyContext(ctx)
 	defer cancel()
 	if f.folder != nil {
 		return f.closeInFolder(mctx) // unlocks f.mu

@@ -158,7 +158,7 @@ func (c instanceSnapshotsContents) mkdir(ctx context.Context, name string) (tree
 	if err := snapshot.CheckSnapshotName(name); err != nil {
 		return nil, err
 	}
-	mctx, cancel := c.fsys.mutationContext(ctx)
+	mctx, cancel := c.fsys.steadyContext(ctx)
 	defer cancel()
 	s, err := c.fsys.manager.SnapshotInstance(mctx, c.instance, name, nil)
 	if err != nil {
@@ -170,7 +170,7 @@ func (c instanceSnapshotsContents) mkdir(ctx context.Context, name string) (tree
 // rmdir deletes the instance snapshot and its disk snapshots: EBUSY while
 // a file of one of them is open, or while a disk snapshot has clones.
 func (c instanceSnapshotsContents) rmdir(ctx context.Context, name string) error {
-	mctx, cancel := c.fsys.mutationContext(ctx)
+	mctx, cancel := c.fsys.steadyContext(ctx)
 	defer cancel()
 	refs := func() []snapshot.SnapshotRef {
 		s, err := c.fsys.instances.InstanceSnapshot(mctx, c.instance, name)

@@ -47,7 +47,7 @@ type filesystem struct {
 
 	// ctx ends with the mount: long mutations started by a request stop
 	// when the filesystem goes away, not when the request is interrupted
-	// (see mutationContext).
+	// (see steadyContext).
 	ctx    context.Context
 	cancel context.CancelFunc
 }
@@ -162,6 +162,8 @@ type treeNode interface {
 // getattr implements NodeGetattrer for every node type.
 func getattr(ctx context.Context, t treeNode, out *fuse.AttrOut) syscall.Errno {
 	n := t.base()
+	ctx, cancel := n.fsys.steadyContext(ctx)
+	defer cancel()
 	if err := t.attr(ctx, &out.Attr); err != nil {
 		return n.fsys.errno("stat "+n.name, err)
 	}
@@ -181,7 +183,9 @@ func newChild(ctx context.Context, parent *fusefs.Inode, child treeNode, out *fu
 			child, n = t, t.base()
 		}
 	}
-	if err := child.attr(ctx, &out.Attr); err != nil {
+	actx, cancel := n.fsys.steadyContext(ctx)
+	defer cancel()
+	if err := child.attr(actx, &out.Attr); err != nil {
 		return nil, err
 	}
 	out.SetEntryTimeout(n.entryTimeout)
@@ -192,16 +196,18 @@ func newChild(ctx context.Context, parent *fusefs.Inode, child treeNode, out *fu
 	}), nil
 }
 
-// mutationContext returns the context for a mutation started by a request
-// (snapshot delete, import): one that ignores interrupts from a caller that
-// lives on and ends when the caller is dying or the filesystem is
-// unmounted.
+// steadyContext returns the context for the work of a request (a stat
+// that walks an allocation map, a snapshot delete, an import): one that
+// ignores interrupts from a caller that lives on and ends when the caller
+// is dying or the filesystem is unmounted.
 //
 // The kernel interrupts a request for every signal the caller gets, and Go
 // programs get SIGURG (goroutine preemption) many times a second: honoring
-// those would make mkdir or close() of an import fail at random. A signal
-// that kills the caller is seen in /proc (see callerDying).
-func (f *filesystem) mutationContext(ctx context.Context) (context.Context, context.CancelFunc) {
+// those would make stat, mkdir or close() of an import fail at random with
+// EINTR, which few programs retry (qemu-img does not, for the size of
+// head.raw). A signal that kills the caller is seen in /proc (see
+// callerDying).
+func (f *filesystem) steadyContext(ctx context.Context) (context.Context, context.CancelFunc) {
 	mctx, cancel := context.WithCancel(f.ctx)
 	caller, ok := fuse.FromContext(ctx)
 	if !ok {

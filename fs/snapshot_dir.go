@@ -73,7 +73,7 @@ func (c snapshotsContents) mkdir(ctx context.Context, name string) (treeNode, er
 	if err := snapshot.CheckSnapshotName(name); err != nil {
 		return nil, err
 	}
-	mctx, cancel := c.fsys.mutationContext(ctx)
+	mctx, cancel := c.fsys.steadyContext(ctx)
 	defer cancel()
 	snaps, err := c.fsys.backend.CreateSnapshots(mctx, []string{c.volume}, name, snapshot.SnapshotOptions{})
 	if err != nil {
@@ -89,7 +89,7 @@ func (c snapshotsContents) mkdir(ctx context.Context, name string) (treeNode, er
 // the manager's holds); the backend refuses too while something depends on
 // it (clones, an instance snapshot).
 func (c snapshotsContents) rmdir(ctx context.Context, name string) error {
-	mctx, cancel := c.fsys.mutationContext(ctx)
+	mctx, cancel := c.fsys.steadyContext(ctx)
 	defer cancel()
 	ref := []snapshot.SnapshotRef{{Volume: c.volume, Snapshot: name}}
 	return c.fsys.deleteWaiting(mctx, name, func() []snapshot.SnapshotRef { return ref }, func() error {

@@ -56,7 +56,7 @@ func (c *volumesContents) symlink(ctx context.Context, target, name string) (tre
 		return nil, fmt.Errorf("%w: %s: a clone links to a snapshot in this mount by a relative path, ../VOL/snapshots/SNAP or, to another pool, as the clone's parent link will show it",
 			snapshot.ErrInvalid, target)
 	}
-	mctx, cancel := c.fsys.mutationContext(ctx)
+	mctx, cancel := c.fsys.steadyContext(ctx)
 	defer cancel()
 	var v snapshot.Volume
 	var err error
