@@ -145,7 +145,9 @@ func (c *volumesContents) cloneTree(ctx context.Context, tree string) (*filesyst
 // or ../../../P/volumes/V/snapshots/S from a pool). The two readings
 // never both land on a snapshot: a snapshot's directory is 4 or 6 levels
 // below the root, and the readings differ by one. A target that leaves the
-// mount, or is absolute, lands nowhere.
+// mount, or is absolute, lands nowhere; so does snapshots/latest, a link
+// and never a snapshot (the name is reserved): links are not followed, and
+// ENOENT would deny a path that ls shows.
 func cloneSource(at, name, target string) (tree string, ref snapshot.SnapshotRef, ok bool) {
 	if path.IsAbs(target) {
 		return "", snapshot.SnapshotRef{}, false
@@ -159,7 +161,7 @@ func cloneSource(at, name, target string) (tree string, ref snapshot.SnapshotRef
 		if len(elems) == 6 && elems[0] == poolsDir {
 			tree, elems = elems[0]+"/"+elems[1], elems[2:]
 		}
-		if len(elems) == 4 && elems[0] == "volumes" && elems[2] == "snapshots" {
+		if len(elems) == 4 && elems[0] == "volumes" && elems[2] == "snapshots" && elems[3] != snapshot.LatestName {
 			return tree, snapshot.SnapshotRef{Volume: elems[1], Snapshot: elems[3]}, true
 		}
 		tree = ""

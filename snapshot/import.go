@@ -7,6 +7,7 @@ import (
 	"io"
 	"strings"
 
+	"snapfs/internal/units"
 	"snapfs/qcow"
 )
 
@@ -127,7 +128,7 @@ func adoptable(img qcow.Image, size int64) error {
 	case l.VirtualSize != size || size%sectorSize != 0:
 		return fmt.Errorf("virtual size %d, want %d", l.VirtualSize, size)
 	case len(l.Snapshots) > 0:
-		return fmt.Errorf("%d internal snapshots", len(l.Snapshots))
+		return errors.New(units.Count(len(l.Snapshots), "internal snapshot"))
 	}
 	for _, f := range l.Features {
 		switch f {

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"slices"
 	"time"
+
+	"snapfs/internal/units"
 )
 
 // The local store's instances are named groups of its volumes. They never
@@ -62,7 +64,7 @@ func (s *LocalStore) DeleteInstance(ctx context.Context, name string) error {
 			return notFound("instance", name)
 		}
 		if len(in.Snapshots) > 0 {
-			return fmt.Errorf("%w: instance %q has %d snapshots; delete them first", ErrBusy, name, len(in.Snapshots))
+			return fmt.Errorf("%w: instance %q has %s; delete them first", ErrBusy, name, units.Count(len(in.Snapshots), "snapshot"))
 		}
 		delete(m.Instances, name)
 		return nil

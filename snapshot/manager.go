@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"sync"
 	"time"
+
+	"snapfs/internal/units"
 )
 
 // DefaultFreezeTimeout bounds how long Manager keeps a guest frozen: past
@@ -104,7 +106,7 @@ func (m *Manager) claim(refs ...SnapshotRef) (func(), error) {
 	defer m.mu.Unlock()
 	for _, ref := range refs {
 		if n := m.holds[ref]; n > 0 {
-			return nil, fmt.Errorf("%w: snapshot %q of volume %q has %d open files", ErrBusy, ref.Snapshot, ref.Volume, n)
+			return nil, fmt.Errorf("%w: snapshot %q of volume %q has %s", ErrBusy, ref.Snapshot, ref.Volume, units.Count(n, "open file"))
 		}
 		if m.deleting[ref] {
 			return nil, fmt.Errorf("%w: snapshot %q of volume %q is being deleted", ErrBusy, ref.Snapshot, ref.Volume)

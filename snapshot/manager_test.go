@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -90,14 +91,14 @@ func TestInstances(t *testing.T) {
 	if err := s.DeleteVolume(ctx, "data"); !errors.Is(err, ErrBusy) {
 		t.Errorf("delete of an instance's volume: %v", err)
 	}
-	if err := s.DeleteInstance(ctx, "vm1"); !errors.Is(err, ErrBusy) {
-		t.Errorf("delete of an instance with snapshots: %v", err)
+	if err := s.DeleteInstance(ctx, "vm1"); !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), "has 1 snapshot;") {
+		t.Errorf("delete of an instance with a snapshot: %v", err)
 	}
 	release, err := m.Hold(ctx, "root", "s1")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := m.DeleteInstanceSnapshot(ctx, "vm1", "s1"); !errors.Is(err, ErrBusy) {
+	if err := m.DeleteInstanceSnapshot(ctx, "vm1", "s1"); !errors.Is(err, ErrBusy) || !strings.HasSuffix(err.Error(), "has 1 open file") {
 		t.Errorf("delete of an instance snapshot with an open file: %v", err)
 	}
 	img, err := s.OpenSnapshot(ctx, "root", "s1")

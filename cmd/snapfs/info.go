@@ -150,7 +150,7 @@ func printInfo(w io.Writer, info *imageInfo) error {
 		b.WriteString("Snapshot list:\n")
 		writeSnapshots(&b, info.Snapshots)
 	}
-	fmt.Fprintf(&b, "Backing chain (%d layers):\n", len(info.Chain))
+	fmt.Fprintf(&b, "Backing chain (%s):\n", units.Count(len(info.Chain), "layer"))
 	tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "  #\tFORMAT\tVIRTUAL SIZE\tALLOCATED\tFILE")
 	for i, l := range info.Chain {

@@ -280,6 +280,9 @@ func TestInfoHumanOutput(t *testing.T) {
 			t.Errorf("snapfs info output has no chain row matching %s:\n%s", row, out)
 		}
 	}
+	if out := mustSucceed(t, "info", base); !strings.Contains(out, "Backing chain (1 layer):\n") {
+		t.Errorf("snapfs info of a lone image:\n%s", out)
+	}
 }
 
 // TestInfoQuotesHostileNames: names read from an image are data; terminal

@@ -100,13 +100,16 @@ var instanceListCmd = &cobra.Command{
 }
 
 var instanceDeleteCmd = &cobra.Command{
-	Use:                   "delete [--store DIR] NAME",
+	Use:                   "delete [--store DIR] [--json] NAME",
 	Short:                 "Remove an instance definition (its volumes stay)",
 	Args:                  exactArgs(1),
 	DisableFlagsInUseLine: true,
 	RunE: func(cmd *cobra.Command, args []string) error {
 		return withStore(cmd, func(ctx context.Context, s *snapshot.LocalStore) error {
-			return s.DeleteInstance(ctx, args[0])
+			if err := s.DeleteInstance(ctx, args[0]); err != nil {
+				return err
+			}
+			return printDeleted(cmd, deletion{Name: args[0]})
 		})
 	},
 }
@@ -142,15 +145,19 @@ the local store's instances, which never run).`,
 }
 
 var instanceDeleteSnapshotCmd = &cobra.Command{
-	Use:                   "delete-snapshot [--store DIR] INSTANCE SNAP",
+	Use:                   "delete-snapshot [--store DIR] [--json] INSTANCE SNAP",
 	Short:                 "Delete an instance snapshot and the disk snapshots it holds",
 	Args:                  exactArgs(2),
 	DisableFlagsInUseLine: true,
 	RunE: func(cmd *cobra.Command, args []string) error {
 		return withStore(cmd, func(ctx context.Context, s *snapshot.LocalStore) error {
 			bar := newProgress(args[0] + "/" + args[1])
-			defer bar.Finish()
-			return snapshot.NewManager(s, s).DeleteInstanceSnapshot(snapshot.WithProgress(ctx, bar.Update), args[0], args[1])
+			err := snapshot.NewManager(s, s).DeleteInstanceSnapshot(snapshot.WithProgress(ctx, bar.Update), args[0], args[1])
+			bar.Finish()
+			if err != nil {
+				return err
+			}
+			return printDeleted(cmd, deletion{Instance: args[0], Name: args[1]})
 		})
 	},
 }
@@ -201,7 +208,7 @@ appears, or (on any error or Ctrl-C) nothing.`,
 var instanceRevertLibvirt libvirtFlags
 
 var instanceRevertCmd = &cobra.Command{
-	Use:   "revert [--store DIR] [--libvirt URI] INSTANCE SNAP",
+	Use:   "revert [--store DIR] [--json] [--libvirt URI] INSTANCE SNAP",
 	Short: "Revert a libvirt domain to one of its snapshots",
 	Long: `revert makes a shut-off libvirt domain's disks read as snapshot SNAP again: each
 file disk gets a new, empty overlay over the snapshot's layer (the snapshot
@@ -228,6 +235,15 @@ whole: revert their volumes (snapfs volume revert).`,
 			defer closeLibvirt()
 			if err := snapshot.NewManager(s, instances).RevertInstance(ctx, args[0], args[1]); err != nil {
 				return err
+			}
+			if storeFlags.json {
+				// As volume revert: the instance as it is now (a
+				// memory snapshot leaves it running).
+				in, err := instances.Instance(ctx, args[0])
+				if err != nil {
+					return err
+				}
+				return writeJSON(cmd.OutOrStdout(), in)
 			}
 			_, err = fmt.Fprintf(cmd.OutOrStdout(), "instance %s reverted to snapshot %s\n", args[0], args[1])
 			return err

@@ -34,6 +34,8 @@ import (
 	"unicode"
 
 	"github.com/spf13/cobra"
+
+	"snapfs/snapshot"
 )
 
 // rootCmd is the snapfs command. Subcommands add themselves to it from their
@@ -146,12 +148,27 @@ func inFile(path string, err error) error {
 	return &fileError{Path: path, Err: err}
 }
 
+// modelSentinels are the model's sentinel errors. Their "snapshot: " prefix
+// tells a Go caller which package failed; on the command line, where every
+// error is snapfs's, it reads as if the problem were about a snapshot
+// ("snapshot: already exists: volume "v1""), so errorLine drops it.
+var modelSentinels = []error{
+	snapshot.ErrNotFound, snapshot.ErrExists, snapshot.ErrBusy, snapshot.ErrInvalidName,
+	snapshot.ErrReadOnly, snapshot.ErrUnsupported, snapshot.ErrInvalid,
+}
+
 // errorLine renders err as the single line snapfs prints on failure. Any
 // newline inside the message is folded so the promise of one line holds,
 // and other control characters (an image can put terminal escapes in the
 // names that errors quote) become '?'.
 func errorLine(err error) string {
 	msg := err.Error()
+	for _, sentinel := range modelSentinels {
+		if errors.Is(err, sentinel) {
+			_, bare, _ := strings.Cut(sentinel.Error(), ": ")
+			msg = strings.Replace(msg, sentinel.Error(), bare, 1)
+		}
+	}
 	if errors.Is(err, context.Canceled) {
 		msg = "interrupted"
 		var fe *fileError

@@ -12,6 +12,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"snapfs/qcow"
+	"snapfs/snapshot"
 )
 
 // snapfsBin is the snapfs binary under test, built once by TestMain: the
@@ -153,6 +156,13 @@ func TestErrorLine(t *testing.T) {
 		{"newlines folded", errors.New("line one\nline two"), "snapfs: line one; line two"},
 		{"escapes defused", errors.New("backing \x1b[2Jfile\r\x07"), "snapfs: backing ?[2Jfile ?"},
 		{"interrupted", inFile("out.raw", fmt.Errorf("copy: %w", context.Canceled)), "snapfs: out.raw: interrupted"},
+		// The model's sentinels lose their package prefix, which reads
+		// as a subject on the command line; others keep theirs.
+		{"model sentinel", fmt.Errorf("%w: volume %q", snapshot.ErrExists, "v1"), `snapfs: already exists: volume "v1"`},
+		{"model sentinel in a file", inFile("x.img", fmt.Errorf("%w: too big", snapshot.ErrInvalid)), "snapfs: x.img: invalid argument: too big"},
+		{"two model sentinels", fmt.Errorf("%w: %w: a/b", snapshot.ErrInvalid, snapshot.ErrInvalidName), "snapfs: invalid argument: invalid name: a/b"},
+		{"a snapshot named in the message", fmt.Errorf("%w: snapshot %q", snapshot.ErrNotFound, "snapshot: x"), `snapfs: not found: snapshot "snapshot: x"`},
+		{"qcow sentinel", inFile("a.qcow2", fmt.Errorf("%w: L1 table", qcow.ErrCorrupt)), "snapfs: a.qcow2: qcow: corrupt image: L1 table"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if got := errorLine(tc.err); got != tc.want {
@@ -166,6 +176,25 @@ func TestErrorLine(t *testing.T) {
 	}
 	if inFile("x", nil) != nil {
 		t.Error("inFile(nil) is not nil")
+	}
+}
+
+// TestModelErrorLine: the model's errors, from the binary, read without
+// the package prefix of their sentinel.
+func TestModelErrorLine(t *testing.T) {
+	st := "--store=" + filepath.Join(t.TempDir(), "store")
+	mustSucceed(t, "volume", "create", st, "v1", "1M")
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"volume", "create", st, "v1", "1M"}, `snapfs: already exists: volume "v1"`},
+		{[]string{"volume", "create", st, "a/b", "1M"}, `snapfs: invalid name: volume name "a/b" contains '/'`},
+		{[]string{"snapshot", "create", st, "nope@s"}, `snapfs: not found: volume "nope"`},
+	} {
+		if line := mustFailWith(t, tc.args); line != tc.want {
+			t.Errorf("snapfs %s: %q, want %q", strings.Join(tc.args, " "), line, tc.want)
+		}
 	}
 }
 

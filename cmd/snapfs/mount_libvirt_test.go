@@ -17,6 +17,7 @@ import (
 	"libvirt.org/go/libvirt"
 
 	"snapfs/internal/qemutest"
+	"snapfs/snapshot"
 	"snapfs/virt/virttest"
 )
 
@@ -271,5 +272,12 @@ func TestMountLibvirt(t *testing.T) {
 	}
 	if xml2 == xml {
 		t.Errorf("echo s2 > revert left the domain XML as it was:\n%s", xml2)
+	}
+
+	// With --json, revert prints the instance as it is now: shut off.
+	var reverted snapshot.Instance
+	decode(t, mustSucceed(t, "instance", "revert", "--store", store, "--json", "--libvirt", uri, name, "s2"), &reverted)
+	if reverted.Name != name || reverted.Running || len(reverted.Disks) == 0 {
+		t.Errorf("instance revert --json printed %+v", reverted)
 	}
 }

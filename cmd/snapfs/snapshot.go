@@ -87,7 +87,7 @@ var snapshotListCmd = &cobra.Command{
 }
 
 var snapshotDeleteCmd = &cobra.Command{
-	Use:   "delete [--store DIR] VOL@SNAP",
+	Use:   "delete [--store DIR] [--json] VOL@SNAP",
 	Short: "Delete a snapshot",
 	Long: `delete removes a snapshot. Data that only its layer holds and that later
 snapshots or the head still need is first merged into the next layer, so
@@ -101,8 +101,12 @@ newest snapshot, while qemu has the head open.`,
 		vol, name := snapshotRef(args)
 		return withStore(cmd, func(ctx context.Context, s *snapshot.LocalStore) error {
 			bar := newProgress(vol + "@" + name)
-			defer bar.Finish()
-			return s.DeleteSnapshot(snapshot.WithProgress(ctx, bar.Update), vol, name)
+			err := s.DeleteSnapshot(snapshot.WithProgress(ctx, bar.Update), vol, name)
+			bar.Finish()
+			if err != nil {
+				return err
+			}
+			return printDeleted(cmd, deletion{Volume: vol, Name: name})
 		})
 	},
 }

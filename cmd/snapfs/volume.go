@@ -124,7 +124,7 @@ var volumeListCmd = &cobra.Command{
 }
 
 var volumeDeleteCmd = &cobra.Command{
-	Use:   "delete [--store DIR] NAME",
+	Use:   "delete [--store DIR] [--json] NAME",
 	Short: "Delete a volume and all its snapshots",
 	Long: `delete removes a volume with its snapshots. It is refused while an instance
 uses the volume, a clone reads through one of its snapshots (the message names
@@ -133,7 +133,10 @@ the clones), or qemu has its head open.`,
 	DisableFlagsInUseLine: true,
 	RunE: func(cmd *cobra.Command, args []string) error {
 		return withStore(cmd, func(ctx context.Context, s *snapshot.LocalStore) error {
-			return s.DeleteVolume(ctx, args[0])
+			if err := s.DeleteVolume(ctx, args[0]); err != nil {
+				return err
+			}
+			return printDeleted(cmd, deletion{Name: args[0]})
 		})
 	},
 }
@@ -368,6 +371,26 @@ func printQuiet(cmd *cobra.Command, s snapshot.Backend, name string) error {
 		return err
 	}
 	return writeJSON(cmd.OutOrStdout(), v)
+}
+
+// deletion is the --json output of the delete commands: what is gone, named
+// by the keys of its own JSON (name, and volume or instance for a snapshot),
+// so that a script reads it as it reads what create printed.
+type deletion struct {
+	Instance string `json:"instance,omitempty"`
+	Volume   string `json:"volume,omitempty"`
+	Name     string `json:"name"`
+	Deleted  bool   `json:"deleted"`
+}
+
+// printDeleted prints d with --json; a delete that worked says nothing
+// otherwise.
+func printDeleted(cmd *cobra.Command, d deletion) error {
+	if !storeFlags.json {
+		return nil
+	}
+	d.Deleted = true
+	return writeJSON(cmd.OutOrStdout(), d)
 }
 
 func init() {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -64,7 +65,7 @@ func TestStoreCommands(t *testing.T) {
 		t.Fatalf("snapshots %+v", snaps)
 	}
 	s2 := qemutest.ConvertRaw(t, snaps[1].Path)
-	mustSucceed(t, "snapshot", "delete", st, "vm@s1")
+	mustDeleteJSON(t, map[string]any{"volume": "vm", "name": "s1", "deleted": true}, "snapshot", "delete", st, "--json", "vm@s1")
 	decode(t, mustSucceed(t, "snapshot", "list", st, "--json"), &snaps)
 	if len(snaps) != 1 || snaps[0].Name != "s2" {
 		t.Fatalf("after delete: %+v", snaps)
@@ -115,13 +116,24 @@ func TestStoreCommands(t *testing.T) {
 	}
 	mustFailWith(t, []string{"snapshot", "delete", st, "data@backup1"}, "instance snapshot inst/backup1")
 	mustFailWith(t, []string{"volume", "delete", st, "data"}, "instance inst")
-	mustSucceed(t, "instance", "delete-snapshot", st, "inst", "backup1")
-	mustSucceed(t, "instance", "delete", st, "inst")
-	mustSucceed(t, "volume", "delete", st, "data")
+	mustDeleteJSON(t, map[string]any{"instance": "inst", "name": "backup1", "deleted": true}, "instance", "delete-snapshot", st, "--json", "inst", "backup1")
+	mustDeleteJSON(t, map[string]any{"name": "inst", "deleted": true}, "instance", "delete", st, "--json", "inst")
+	mustDeleteJSON(t, map[string]any{"name": "data", "deleted": true}, "volume", "delete", st, "--json", "data")
 	mustFailWith(t, []string{"volume", "delete", st, "data"}, "not found")
 	decode(t, mustSucceed(t, "volume", "list", st, "--json"), &vols)
 	if len(vols) != 2 {
 		t.Fatalf("volumes left: %+v", vols)
+	}
+}
+
+// mustDeleteJSON runs a delete command with --json and checks the one
+// document it prints: what is gone, under the keys of its own JSON.
+func mustDeleteJSON(t *testing.T, want map[string]any, args ...string) {
+	t.Helper()
+	var got map[string]any
+	decode(t, mustSucceed(t, args...), &got)
+	if !maps.Equal(got, want) {
+		t.Errorf("snapfs %s printed %v, want %v", strings.Join(args, " "), got, want)
 	}
 }
 
@@ -226,8 +238,13 @@ func TestCloneCommands(t *testing.T) {
 	mustSucceed(t, "volume", "revert", st, "vm@s1")
 	qemutest.Compare(t, headOf(t, st, "vm"), mustSnapshotPath(t, st, "vm", "s1"))
 	mustFailWith(t, []string{"volume", "revert", st, "vm", "nope"}, "not found", "nope")
-	mustSucceed(t, "volume", "delete", st, "kid")
-	mustSucceed(t, "snapshot", "delete", st, "vm@s1")
+	// Without --json a delete that worked says nothing.
+	if out := mustSucceed(t, "volume", "delete", st, "kid"); out != "" {
+		t.Errorf("volume delete printed %q", out)
+	}
+	if out := mustSucceed(t, "snapshot", "delete", st, "vm@s1"); out != "" {
+		t.Errorf("snapshot delete printed %q", out)
+	}
 }
 
 // headOf returns the head path of a volume, as volume list says.

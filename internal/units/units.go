@@ -1,8 +1,18 @@
 // Package units renders quantities for people: the CLI's listings and
-// progress bars, and the benchmarks' reports, which must agree.
+// progress bars, the model's error messages, and the benchmarks' reports,
+// which must agree.
 package units
 
 import "fmt"
+
+// Count renders n of a noun in English: "1 layer", "2 layers", "0 layers".
+// The plural adds an s, which fits every noun snapfs counts.
+func Count(n int, noun string) string {
+	if n == 1 {
+		return "1 " + noun
+	}
+	return fmt.Sprintf("%d %ss", n, noun)
+}
 
 // FormatSize renders a byte count as qemu-img does ("2 GiB", "1.22 GiB",
 // "512 B"): three significant digits of the largest binary unit that fits.

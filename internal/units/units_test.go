@@ -2,6 +2,25 @@ package units
 
 import "testing"
 
+func TestCount(t *testing.T) {
+	for _, tc := range []struct {
+		n    int
+		noun string
+		want string
+	}{
+		{0, "layer", "0 layers"},
+		{1, "layer", "1 layer"},
+		{2, "layer", "2 layers"},
+		{1, "open file", "1 open file"},
+		{3, "open file", "3 open files"},
+		{-1, "layer", "-1 layers"},
+	} {
+		if got := Count(tc.n, tc.noun); got != tc.want {
+			t.Errorf("Count(%d, %q) = %q, want %q", tc.n, tc.noun, got, tc.want)
+		}
+	}
+}
+
 func TestFormatSize(t *testing.T) {
 	for _, tc := range []struct {
 		n    int64
