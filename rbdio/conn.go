@@ -211,7 +211,7 @@ func (c *Cluster) Close() error {
 		return nil
 	}
 	if n := c.openImages.Load(); n > 0 {
-		return fmt.Errorf("%w: %d images of the cluster are still open; close them first", snapshot.ErrBusy, n)
+		return fmt.Errorf("%w: images of the cluster still open: %d; close them first", snapshot.ErrBusy, n)
 	}
 	c.closed.Store(true)
 	c.closeHandles()
