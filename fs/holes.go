@@ -4,13 +4,15 @@ import (
 	"context"
 	"syscall"
 
+	"golang.org/x/sys/unix"
+
 	"snapfs/qcow"
 )
 
-// The whence values of lseek(2) that ask about holes (unistd.h).
+// The whence values of lseek(2) that ask about holes.
 const (
-	seekData = 3
-	seekHole = 4
+	seekData = unix.SEEK_DATA
+	seekHole = unix.SEEK_HOLE
 )
 
 // extentWindow is how much of an image's allocation map is asked for at

@@ -35,12 +35,32 @@ const flattenHint = "qemu-img convert -O qcow2 IN OUT"
 // encryption, unknown features or impossible tables is refused; and the
 // virtual size must be between 1 byte and MaxVolumeSize. Refusals are
 // *ImportError. The caller closes the image.
+//
+// The image knows its path: a backend that keeps a qcow2 as it is (the
+// local store) copies the file rather than the image, and checks the copy
+// again (see LocalStore.copyFile).
 func OpenUntrusted(path string) (qcow.Image, error) {
+	img, err := openUntrusted(path)
+	if err != nil {
+		return nil, err
+	}
+	return &fileImage{Image: img, path: path}, nil
+}
+
+// openUntrusted is OpenUntrusted without the path.
+func openUntrusted(path string) (qcow.Image, error) {
 	f, err := qcow.OpenFile(path)
 	if err != nil {
 		return nil, err
 	}
 	return OpenUntrustedFile(f)
+}
+
+// fileImage is an image OpenUntrusted opened from the file at path, which
+// stays the caller's.
+type fileImage struct {
+	qcow.Image
+	path string
 }
 
 // OpenUntrustedFile is OpenUntrusted over an open file, which the image
@@ -97,7 +117,7 @@ type StagedImage struct {
 // OpenStaged is OpenUntrusted for a staged file (see StagedImage): the same
 // checks, the same refusals.
 func OpenStaged(path string) (*StagedImage, error) {
-	img, err := OpenUntrusted(path)
+	img, err := openUntrusted(path)
 	if err != nil {
 		return nil, err
 	}

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 
 	"snapfs/internal/qemutest"
@@ -299,4 +300,68 @@ func mustOpenHead(t *testing.T, s *LocalStore, name string) qcow.Image {
 	}
 	t.Cleanup(func() { img.Close() })
 	return img
+}
+
+// TestImportCopiesFile: a qcow2 the store can keep as it is is copied
+// byte for byte, holes and all, rather than converted; one padded with
+// data no table refers to is converted, so that the junk stays out of the
+// store.
+func TestImportCopiesFile(t *testing.T) {
+	s := openStore(t)
+	dir := t.TempDir()
+	blocks := func(path string) int64 {
+		t.Helper()
+		var st syscall.Stat_t
+		if err := syscall.Stat(path, &st); err != nil {
+			t.Fatal(err)
+		}
+		return st.Blocks * 512
+	}
+
+	// Metadata preallocated: a 256 MiB file of which 2 MiB is data.
+	sparse := qemutest.Create(t, "qcow2", filepath.Join(dir, "sparse.qcow2"), "256M", "-o", "preallocation=metadata")
+	qemutest.IO(t, sparse, "write -P 0x61 1M 1M", "write -P 0x62 200M 64k")
+	v, err := importFile(context.Background(), s, "sparse", sparse, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := v.Chain[1]
+	got, err := os.ReadFile(base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want, err := os.ReadFile(sparse); err != nil || !bytes.Equal(got, want) {
+		t.Errorf("the base layer is not a copy of the file: %v", err)
+	}
+	if b, src := blocks(base), blocks(sparse); b > src+1<<20 {
+		t.Errorf("the copy holds %d bytes, the file %d: its holes were filled", b, src)
+	}
+	qemutest.Check(t, base)
+	if !bytes.Equal(readImage(t, mustOpenHead(t, s, "sparse")), qemutest.ConvertRaw(t, sparse)) {
+		t.Errorf("sparse: the volume reads differently from the file")
+	}
+
+	// 40 MiB of junk after the clusters of a 4 MiB image.
+	padded := qemutest.Create(t, "qcow2", filepath.Join(dir, "padded.qcow2"), "4M")
+	qemutest.IO(t, padded, "write -P 0x63 0 1M")
+	f, err := os.OpenFile(padded, os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Write(bytes.Repeat([]byte{0xa5}, 40<<20)); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	v, err = importFile(context.Background(), s, "padded", padded, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b := blocks(v.Chain[1]); b > 4<<20 {
+		t.Errorf("the base layer of a padded file holds %d bytes: the junk was copied", b)
+	}
+	qemutest.Check(t, v.Chain[1])
+	if !bytes.Equal(readImage(t, mustOpenHead(t, s, "padded")), qemutest.ConvertRaw(t, padded)) {
+		t.Errorf("padded: the volume reads differently from the file")
+	}
+	checkNoStrayFiles(t, s)
 }

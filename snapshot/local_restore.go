@@ -163,6 +163,11 @@ func (s *LocalStore) createVolumes(ctx context.Context, spec RestoreSpec, pauseC
 		if err != nil {
 			return err
 		}
+		if base == nil {
+			if base, err = s.copyFile(ctx, v.Image, sizes[i], progress); err != nil {
+				return err
+			}
+		}
 		if base != nil {
 			files = append(files, base)
 			progress(sizes[i], sizes[i])
@@ -294,18 +299,27 @@ func (s *LocalStore) adoptFile(img qcow.Image, size int64) (*newFile, error) {
 		nf.discard()
 		return nil, nil
 	}
-	kept, err := OpenUntrusted(tmp)
-	if err == nil {
-		if err = adoptable(kept, size); err != nil {
-			err = &ImportError{Msg: fmt.Sprintf("import: %s changed while it was imported (%v)", staged.path, err), Err: qcow.ErrCorrupt}
-		}
-		kept.Close()
-	}
-	if err != nil {
+	if err := checkKept(nf.path, staged.path, size); err != nil {
 		nf.discard()
 		return nil, err
 	}
 	return nf, nil
+}
+
+// checkKept runs the checks of OpenUntrusted and adoptable again on the
+// file at path, which the store is about to keep as a layer: a copy or a
+// move of the image file at source, checked before, which may have
+// changed since.
+func checkKept(path, source string, size int64) error {
+	kept, err := openUntrusted(path)
+	if err != nil {
+		return err
+	}
+	defer kept.Close()
+	if err := adoptable(kept, size); err != nil {
+		return &ImportError{Msg: fmt.Sprintf("import: %s changed while it was imported (%v)", source, err), Err: qcow.ErrCorrupt}
+	}
+	return nil
 }
 
 // restoredTime is a recorded creation time, or at when none was.
