@@ -5,8 +5,6 @@ package rbdio
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"sync"
@@ -62,9 +60,7 @@ func (p *Pool) ImportVolume(ctx context.Context, name string, src qcow.Image, me
 	if err != nil {
 		return snapshot.Volume{}, err
 	}
-	var rnd [8]byte
-	rand.Read(rnd[:])
-	tmp := tempPrefix + hex.EncodeToString(rnd[:])
+	tmp := tempName(tempPrefix)
 	if err := p.create(tmp, roundToSector(src.Size())); err != nil {
 		return snapshot.Volume{}, err
 	}

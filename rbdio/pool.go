@@ -4,6 +4,8 @@ package rbdio
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"slices"
@@ -48,9 +50,22 @@ var (
 )
 
 // tempPrefix starts the names of the images an import writes before it
-// renames them into place. The leading '.' keeps them out of ListVolumes
-// (no volume name may start with '.').
-const tempPrefix = ".snapfs-import-"
+// renames them into place, and deletingPrefix those of volumes being
+// deleted: renamed first, then emptied. The leading '.' keeps both out of
+// ListVolumes (no volume name may start with '.'); an image of either kind
+// that no client watches has lost its owner, and the next Open removes it
+// (sweep).
+const (
+	tempPrefix     = ".snapfs-import-"
+	deletingPrefix = ".snapfs-deleting-"
+)
+
+// tempName returns a new image name that starts with prefix.
+func tempName(prefix string) string {
+	var rnd [8]byte
+	rand.Read(rnd[:])
+	return prefix + hex.EncodeToString(rnd[:])
+}
 
 // noSnap is CEPH_NOSNAP, the snapshot id of an image's head.
 const noSnap = ^uint64(1)
@@ -457,6 +472,11 @@ func (p *Pool) create(name string, size int64) error {
 // DeleteVolume implements [snapshot.Backend]: its snapshots (unprotected
 // first) and the image. ErrBusy while a clone reads through one of its
 // snapshots or another client (a VM) has the image open.
+//
+// Once checked, the image is renamed out of the pool's namespace first: a
+// delete is then done or not done, never a volume with half its snapshots.
+// Freeing the space follows; if that fails or the process dies, the next
+// Open finishes it (sweep).
 func (p *Pool) DeleteVolume(ctx context.Context, name string) error {
 	if err := lookupName(name); err != nil {
 		return err
@@ -484,20 +504,38 @@ func (p *Pool) DeleteVolume(ctx context.Context, name string) error {
 	if err != nil {
 		return err
 	}
-	if len(snaps) > 0 {
-		img, err := p.openImage(name, "", true)
+	io, err := p.io()
+	if err != nil {
+		return err
+	}
+	doomed := tempName(deletingPrefix)
+	if err := rbd.GetImage(io, name).Rename(doomed); err != nil {
+		return wrap("rename "+p.spec(name)+" to "+doomed, err)
+	}
+	p.destroy(doomed) // what it leaves, the sweep removes
+	return nil
+}
+
+// destroy removes image name, its snapshots first, and says why it could
+// not; an image already gone is no error (a sweep may race with it).
+func (p *Pool) destroy(name string) error {
+	img, err := p.openImage(name, "", true)
+	if errors.Is(err, snapshot.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	snaps, err := listSnaps(img)
+	for _, s := range snaps {
 		if err != nil {
-			return err
+			break
 		}
-		for _, s := range snaps {
-			if err = p.removeSnap(img, name, s.Name); err != nil {
-				break
-			}
-		}
-		img.Close()
-		if err != nil {
-			return err
-		}
+		err = p.removeSnap(img, name, s.Name)
+	}
+	img.Close()
+	if err != nil {
+		return err
 	}
 	io, err := p.io()
 	if err != nil {
@@ -505,13 +543,13 @@ func (p *Pool) DeleteVolume(ctx context.Context, name string) error {
 	}
 	err = rbd.RemoveImage(io, name)
 	switch errnoOf(err) {
-	case 0:
+	case 0, syscall.ENOENT:
 		return nil
 	case syscall.ENOTEMPTY:
-		return fmt.Errorf("%w: volume %q still has snapshots (rbd snap ls --all %s: some may be in the trash, kept for clones)",
+		return fmt.Errorf("%w: image %s still has snapshots (rbd snap ls --all %s: some may be in the trash, kept for clones)",
 			snapshot.ErrBusy, name, p.spec(name))
 	case syscall.EBUSY:
-		return fmt.Errorf("%w: volume %q is open by another client (a VM?); rbd status %s shows who", snapshot.ErrBusy, name, p.spec(name))
+		return fmt.Errorf("%w: image %s is open by another client; rbd status %s shows who", snapshot.ErrBusy, name, p.spec(name))
 	}
 	return wrap("rm "+p.spec(name), err)
 }
@@ -545,16 +583,17 @@ func (p *Pool) checkUnused(img *rbd.Image, name string) error {
 	return nil
 }
 
-// sweep removes the images of imports that died (kill -9, a crash): a
-// temp image that no client watches has no importer left. Best effort: an
-// image it cannot check or remove is left for the next time.
+// sweep removes the images of imports and deletes that died (kill -9, a
+// crash): a temp or doomed image that no client watches has no owner left.
+// Best effort: an image it cannot check or remove is left for the next
+// time.
 func (p *Pool) sweep() {
 	names, err := rbd.GetImageNames(p.ioctx) // from Open: not closed
 	if err != nil {
 		return
 	}
 	for _, name := range names {
-		if !strings.HasPrefix(name, tempPrefix) {
+		if !strings.HasPrefix(name, tempPrefix) && !strings.HasPrefix(name, deletingPrefix) {
 			continue
 		}
 		img, err := p.openImage(name, "", false)
@@ -564,7 +603,7 @@ func (p *Pool) sweep() {
 		ws, err := img.ListWatchers()
 		img.Close()
 		if err == nil && len(ws) == 0 {
-			rbd.RemoveImage(p.ioctx, name)
+			p.destroy(name)
 		}
 	}
 }

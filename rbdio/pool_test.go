@@ -312,6 +312,70 @@ func TestImportAtomic(t *testing.T) {
 	}
 }
 
+// doomedImages lists the images of deletes under way or cut short.
+func doomedImages(t *testing.T) []string {
+	var out []string
+	for _, n := range strings.Fields(string(cli(t, "rbd", "ls", "rbd"))) {
+		if strings.HasPrefix(n, deletingPrefix) {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// TestDeleteVolumeCutShort: a delete renames the volume out of the pool
+// before it removes anything, so one killed in the middle leaves no
+// volume with half its snapshots, only a doomed image that no listing
+// shows and that the next Open removes, snapshots (protected ones too)
+// and all.
+func TestDeleteVolumeCutShort(t *testing.T) {
+	p, c := pool(), ctx(t)
+	names := []string{uniqueName(t, "delete"), uniqueName(t, "cutshort")}
+	for _, name := range names {
+		if _, err := p.CreateVolume(c, name, 8<<20); err != nil {
+			t.Fatal(err)
+		}
+		cli(t, "rbd", "bench", "--io-type", "write", "--io-total", "4M", "rbd/"+name)
+		for _, snap := range []string{"s1", "s2"} {
+			if _, err := p.CreateSnapshots(c, []string{name}, snap, snapshot.SnapshotOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		cli(t, "rbd", "snap", "protect", "rbd/"+name+"@s1")
+	}
+
+	if err := p.DeleteVolume(c, names[0]); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Volume(c, names[0]); !errors.Is(err, snapshot.ErrNotFound) {
+		t.Errorf("after the delete: %v, want ErrNotFound", err)
+	}
+	if d := doomedImages(t); len(d) > 0 {
+		t.Errorf("a delete that went through left %v", d)
+	}
+
+	// The state of a delete killed right after its rename.
+	doomed := deletingPrefix + "0123456789abcdef"
+	cli(t, "rbd", "rename", "rbd/"+names[1], "rbd/"+doomed)
+	vols, err := p.ListVolumes(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range vols {
+		if v.Name == names[1] || strings.HasPrefix(v.Name, ".") {
+			t.Errorf("ListVolumes shows %s during its delete", v.Name)
+		}
+	}
+	c2, err := Open(Config{CephConf: cephConf, Pools: []string{testPool}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c2.Close()
+	if d := doomedImages(t); len(d) > 0 {
+		t.Errorf("Open did not finish the delete of %v", d)
+	}
+}
+
 func runCmd(name string, args ...string) ([]byte, error) {
 	return exec.Command(name, args...).CombinedOutput()
 }
