@@ -254,10 +254,17 @@ func (f *failingImage) ReadAt(p []byte, off int64) (int, error) {
 }
 
 // tempImages lists the temporary images of imports in the test pool.
-func tempImages(t *testing.T) []string {
+func tempImages(t *testing.T) []string { return imagesWithPrefix(t, tempPrefix) }
+
+// doomedImages lists the images of deletes under way or cut short.
+func doomedImages(t *testing.T) []string { return imagesWithPrefix(t, deletingPrefix) }
+
+// imagesWithPrefix lists the images of the test pool whose names start
+// with prefix.
+func imagesWithPrefix(t *testing.T, prefix string) []string {
 	var out []string
 	for _, n := range strings.Fields(string(cli(t, "rbd", "ls", "rbd"))) {
-		if strings.HasPrefix(n, tempPrefix) {
+		if strings.HasPrefix(n, prefix) {
 			out = append(out, n)
 		}
 	}
@@ -310,17 +317,6 @@ func TestImportAtomic(t *testing.T) {
 	if tmp := tempImages(t); len(tmp) > 0 {
 		t.Errorf("Open did not sweep %v", tmp)
 	}
-}
-
-// doomedImages lists the images of deletes under way or cut short.
-func doomedImages(t *testing.T) []string {
-	var out []string
-	for _, n := range strings.Fields(string(cli(t, "rbd", "ls", "rbd"))) {
-		if strings.HasPrefix(n, deletingPrefix) {
-			out = append(out, n)
-		}
-	}
-	return out
 }
 
 // TestDeleteVolumeCutShort: a delete renames the volume out of the pool
