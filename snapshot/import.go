@@ -40,11 +40,15 @@ const flattenHint = "qemu-img convert -O qcow2 IN OUT"
 // local store) copies the file rather than the image, and checks the copy
 // again (see LocalStore.copyFile).
 func OpenUntrusted(path string) (qcow.Image, error) {
-	img, err := openUntrusted(path)
+	f, err := qcow.OpenFile(path)
 	if err != nil {
 		return nil, err
 	}
-	return &fileImage{Image: img, path: path}, nil
+	img, err := OpenUntrustedFile(f)
+	if err != nil {
+		return nil, err
+	}
+	return &fileImage{Image: img, path: path, file: f}, nil
 }
 
 // openUntrusted is OpenUntrusted without the path.
@@ -56,11 +60,13 @@ func openUntrusted(path string) (qcow.Image, error) {
 	return OpenUntrustedFile(f)
 }
 
-// fileImage is an image OpenUntrusted opened from the file at path, which
-// stays the caller's.
+// fileImage is an image OpenUntrusted opened from file, at path, which
+// stays the caller's. The image owns file: a copy of the image's file is
+// made from it, not from the path, which may name another file by then.
 type fileImage struct {
 	qcow.Image
 	path string
+	file qcow.File
 }
 
 // OpenUntrustedFile is OpenUntrusted over an open file, which the image

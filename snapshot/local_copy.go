@@ -29,11 +29,10 @@ func (s *LocalStore) copyFile(ctx context.Context, img qcow.Image, size int64, p
 	if !ok || adoptable(fi.Image, size) != nil {
 		return nil, nil
 	}
-	src, err := os.Open(fi.path)
-	if err != nil {
-		return nil, err
+	src, ok := fi.file.(sourceFile)
+	if !ok {
+		return nil, nil
 	}
-	defer src.Close()
 	st, err := src.Stat()
 	if err != nil {
 		return nil, err
@@ -54,6 +53,15 @@ func (s *LocalStore) copyFile(ctx context.Context, img qcow.Image, size int64, p
 		return nil, err
 	}
 	return nf, nil
+}
+
+// sourceFile is what copyFile needs of the file an image was opened from:
+// qcow.OpenFile's files have it. Seek only looks for data (SEEK_DATA,
+// SEEK_HOLE): the image reads at offsets and does not mind.
+type sourceFile interface {
+	io.ReaderAt
+	io.Seeker
+	Stat() (os.FileInfo, error)
 }
 
 // keepsAsIs says whether a qcow2 file of virtual size size, with stat st,
@@ -86,7 +94,7 @@ const copySlack = 16 << 20
 // cache pages in small pieces was the costliest step of all: the first
 // copy_file_range version, which the kernel runs 4 KiB at a time,
 // spent 6.7 s of CPU copying 2 GiB (perf: memcpy in generic_perform_write).
-func copySparse(ctx context.Context, dst, src *os.File, size int64, progress func(done, total int64)) error {
+func copySparse(ctx context.Context, dst *os.File, src sourceFile, size int64, progress func(done, total int64)) error {
 	if err := dst.Truncate(size); err != nil {
 		return err
 	}
@@ -143,7 +151,7 @@ type copyPiece struct {
 // readPieces reads the data of src up to size into buffers from free and
 // sends them to full, in order, until the end, an error, ctx is done or
 // the writer failed.
-func readPieces(ctx context.Context, src *os.File, size int64, free chan []byte, full chan<- copyPiece, failed *atomic.Bool) error {
+func readPieces(ctx context.Context, src sourceFile, size int64, free chan []byte, full chan<- copyPiece, failed *atomic.Bool) error {
 	for off := int64(0); off < size; {
 		start, end, err := nextData(src, off, size)
 		if err != nil {
@@ -176,7 +184,7 @@ func readPieces(ctx context.Context, src *os.File, size int64, free chan []byte,
 // nextData returns the first run of data in src at or after off, up to
 // size: [start, end), empty (start == end == size) when only a hole is
 // left. A filesystem that does not know holes has one run: the rest.
-func nextData(src *os.File, off, size int64) (start, end int64, err error) {
+func nextData(src io.Seeker, off, size int64) (start, end int64, err error) {
 	start, err = src.Seek(off, unix.SEEK_DATA)
 	switch {
 	case errors.Is(err, syscall.ENXIO):
