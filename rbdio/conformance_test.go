@@ -6,6 +6,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"io"
 	"os/exec"
 	"strings"
@@ -147,5 +148,69 @@ func TestDeleteOpenSnapshot(t *testing.T) {
 	}
 	if s := names(); s != "[]" && s != "[]\n" {
 		t.Errorf("after the last reader closed, rbd snap ls = %s; want none", s)
+	}
+}
+
+// TestHiddenSnapshotSweep: a hidden snapshot left by a process that died
+// (no client holds its image) is removed by the next snapshot delete on
+// the image; one that a live process hides, and holds the image open for,
+// is not, and its reader there keeps reading it.
+func TestHiddenSnapshotSweep(t *testing.T) {
+	c := ctx(t)
+	p := pool()
+	vol := uniqueName(t, "hidden")
+	if _, err := p.CreateVolume(c, vol, 8<<20); err != nil {
+		t.Fatal(err)
+	}
+	defer p.DeleteVolume(c, vol)
+	names := func() string { return string(cli(t, "rbd", "snap", "ls", "--format", "json", p.spec(vol))) }
+
+	// Left by a process that died: renamed, and nobody holds the image.
+	snap(t, p, vol, "s1")
+	snap(t, p, vol, "s2")
+	cli(t, "rbd", "snap", "rename", p.spec(vol)+"@s1", p.spec(vol)+"@"+hiddenPrefix+"999")
+	if err := p.DeleteSnapshot(c, vol, "s2"); err != nil {
+		t.Fatal(err)
+	}
+	if s := names(); strings.Contains(s, hiddenPrefix) {
+		t.Errorf("after a delete, rbd snap ls = %s; the orphan is still there", s)
+	}
+
+	// Hidden by another live client (another process) that reads it.
+	other, err := Open(Config{CephConf: cephConf, Pools: []string{testPool}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	op := other.Pools()[0]
+	cli(t, "rbd", "bench", "--io-type", "write", "--io-total", "4M", p.spec(vol))
+	snap(t, p, vol, "s3")
+	want := cli(t, "rbd", "export", p.spec(vol)+"@s3", "-")
+	img, err := op.OpenSnapshot(c, vol, "s3")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := op.DeleteSnapshot(c, vol, "s3"); err != nil {
+		t.Fatal(err)
+	}
+	snap(t, p, vol, "s4")
+	if err := p.DeleteSnapshot(c, vol, "s4"); err != nil {
+		t.Fatal(err)
+	}
+	if s := names(); !strings.Contains(s, hiddenPrefix) {
+		t.Errorf("rbd snap ls = %s: the snapshot another client reads was swept", s)
+	}
+	got := make([]byte, len(want))
+	if _, err := img.ReadAt(got, 0); err != nil && !errors.Is(err, io.EOF) {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Errorf("the other client's reader reads wrong bytes after the sweep")
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if s := names(); strings.Contains(s, hiddenPrefix) {
+		t.Errorf("after its reader closed, rbd snap ls = %s", s)
 	}
 }

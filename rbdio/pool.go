@@ -31,9 +31,9 @@ type Pool struct {
 	locks    map[string]*volumeLock
 	flattens map[string]*snapshot.Progress // by volume: see Flatten
 
-	useMu  sync.Mutex         // protects users, doomed (snapuse.go)
-	users  map[snapUse]int    // images of this process open at a snapshot
-	doomed map[snapUse]string // snapshots deleted while open: hidden names
+	useMu  sync.Mutex             // protects users, doomed (snapuse.go)
+	users  map[snapUse]int        // images of this process open at a snapshot
+	doomed map[snapUse]hiddenSnap // snapshots deleted while open here
 }
 
 // volumeLock serialises the mutations of one volume in this process.

@@ -316,7 +316,11 @@ func (p *Pool) DeleteSnapshot(ctx context.Context, volume, name string) error {
 	if deferred, err := p.deferRemoval(img, volume, name, sid); deferred || err != nil {
 		return err
 	}
-	return p.removeSnap(img, volume, name)
+	if err := p.removeSnap(img, volume, name); err != nil {
+		return err
+	}
+	p.sweepHidden(img, volume)
+	return nil
 }
 
 // checkNoClones returns ErrBusy, naming them, when images are cloned from
