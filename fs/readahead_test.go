@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
 
@@ -377,4 +378,27 @@ func TestReadaheadMount(t *testing.T) {
 	}
 	f.Close()
 	checkExports(t, m, "v", "s3")
+}
+
+// TestMapBufferAligned checks the chunk buffers: a buffer in whole huge
+// pages starts on a huge page, so that the kernel can back it with huge
+// pages; others are plain mappings. Each is exactly its size and writable
+// end to end.
+func TestMapBufferAligned(t *testing.T) {
+	for _, size := range []int{hugePage, 2 * hugePage, raChunkSize, 64 << 10} {
+		b, err := mapBuffer(size)
+		if err != nil {
+			t.Fatalf("mapBuffer(%d): %v", size, err)
+		}
+		if len(b) != size || cap(b) != size {
+			t.Errorf("mapBuffer(%d): len %d, cap %d", size, len(b), cap(b))
+		}
+		if addr := uintptr(unsafe.Pointer(&b[0])); size%hugePage == 0 && addr%hugePage != 0 {
+			t.Errorf("mapBuffer(%d) at %#x: not aligned to %d", size, addr, hugePage)
+		}
+		b[0], b[size-1] = 1, 2
+		if b[0] != 1 || b[size-1] != 2 {
+			t.Errorf("mapBuffer(%d): not writable", size)
+		}
+	}
 }
