@@ -363,5 +363,24 @@ func TestImportCopiesFile(t *testing.T) {
 	if !bytes.Equal(readImage(t, mustOpenHead(t, s, "padded")), qemutest.ConvertRaw(t, padded)) {
 		t.Errorf("padded: the volume reads differently from the file")
 	}
+
+	// Sparse far past its clusters: 1 GiB for a 4 MiB image.
+	stretched := qemutest.Create(t, "qcow2", filepath.Join(dir, "stretched.qcow2"), "4M")
+	qemutest.IO(t, stretched, "write -P 0x64 0 1M")
+	if err := os.Truncate(stretched, 1<<30); err != nil {
+		t.Fatal(err)
+	}
+	v, err = importFile(context.Background(), s, "stretched", stretched, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, err := os.Stat(v.Chain[1]); err != nil {
+		t.Fatal(err)
+	} else if st.Size() > 8<<20 {
+		t.Errorf("the base layer of a stretched file spans %d bytes: it was copied, not converted", st.Size())
+	}
+	if !bytes.Equal(readImage(t, mustOpenHead(t, s, "stretched")), qemutest.ConvertRaw(t, stretched)) {
+		t.Errorf("stretched: the volume reads differently from the file")
+	}
 	checkNoStrayFiles(t, s)
 }

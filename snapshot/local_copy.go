@@ -44,6 +44,12 @@ func (s *LocalStore) copyFile(ctx context.Context, img qcow.Image, size int64, p
 	if err != nil {
 		return nil, err
 	}
+	if err := nf.f.Truncate(st.Size()); err != nil {
+		// A file larger than this filesystem takes (ext4: 16 TiB),
+		// however sparse: a conversion writes only the data.
+		nf.discard()
+		return nil, nil
+	}
 	if err := copySparse(ctx, nf.f, src, st.Size(), progress); err != nil {
 		nf.discard()
 		return nil, err
@@ -65,18 +71,19 @@ type sourceFile interface {
 }
 
 // keepsAsIs says whether a qcow2 file of virtual size size, with stat st,
-// is worth copying as it is: a regular file that holds little beyond its
-// clusters. A file padded with data no table refers to (leaked clusters, or
-// junk appended by a hostile image) is converted instead, which writes
-// only the guest's data. The slack is for tables: an L2 entry per 64 KiB
-// cluster is 1/8192 of the data, less than 1/64 with the smallest
-// clusters (512 bytes).
+// is worth copying as it is: a regular file that holds, and spans, little
+// beyond its clusters. A file padded with data no table refers to (leaked
+// clusters, or junk appended by a hostile image), or sparse far past them,
+// is converted instead, which writes only the guest's data. The slack is
+// for tables: an L2 entry per 64 KiB cluster is 1/8192 of the data, less
+// than 1/64 with the smallest clusters (512 bytes).
 func keepsAsIs(st os.FileInfo, size int64) bool {
 	sys, ok := st.Sys().(*syscall.Stat_t)
 	if !ok || !st.Mode().IsRegular() {
 		return false
 	}
-	return sys.Blocks*512 <= size+size/32+copySlack
+	most := size + size/32 + copySlack
+	return sys.Blocks*512 <= most && st.Size() <= most
 }
 
 // copySlack is what a kept file may hold beyond its share of tables: the
