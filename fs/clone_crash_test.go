@@ -45,9 +45,14 @@ func TestCrashFlattenGesture(t *testing.T) {
 			infoPath := filepath.Join(mnt, "volumes/kid/info.json")
 			s := startServer(t, w.cfg, point)
 			// The kernel locks volumes/kid during the unlink: a name
-			// in it that was never looked up waits for the rm to end.
-			// Someone watching info.json has looked it up already.
-			if _, err := os.Stat(infoPath); err != nil {
+			// in it that is not in the dentry cache waits for the rm
+			// to end. Someone watching info.json has looked it up
+			// already, and keeps it open here so that the kernel
+			// cannot drop it from the cache meanwhile (memory
+			// pressure, or drop_caches by another job: that made this
+			// test wait 30 s on a loaded machine).
+			pin, err := os.Open(infoPath)
+			if err != nil {
 				t.Fatal(err)
 			}
 			done := make(chan error, 1)
@@ -73,6 +78,7 @@ func TestCrashFlattenGesture(t *testing.T) {
 			case <-time.After(30 * time.Second):
 				t.Errorf("info.json cannot be read while rm parent runs")
 			}
+			pin.Close()
 			s.kill()
 			if err := <-done; err == nil {
 				t.Error("rm parent cut short by kill -9 reported success")
