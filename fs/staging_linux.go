@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+
+	"snapfs/internal/directio"
 )
 
 // Staging files: where import/NAME, and the files of a folder copied into
@@ -54,11 +56,10 @@ type stagedFile struct {
 	// keep is read-only: stat, reads, and the staging lock of a file of
 	// its own.
 	keep *os.File
-	// write, direct (the same with O_DIRECT, nil if the filesystem
-	// refuses it) and behind, which writes through them, are nil while
-	// closed.
+	// write, direct (which writes to it with O_DIRECT where it can) and
+	// behind, which writes through direct, are nil while closed.
 	write  *os.File
-	direct *os.File
+	direct *directio.Writer
 	behind *writeBehind
 }
 
@@ -116,7 +117,7 @@ func newStagedFile(w *os.File, lock bool) (*stagedFile, error) {
 // startWriting takes w as the write descriptor, and opens the direct one.
 func (s *stagedFile) startWriting(w *os.File) {
 	s.write = w
-	s.direct, _ = os.OpenFile(s.path, os.O_WRONLY|syscall.O_DIRECT|syscall.O_NOFOLLOW, 0)
+	s.direct = directio.NewWriter(w)
 	s.behind = newWriteBehind(s.write, s.direct, writePool)
 }
 
@@ -141,10 +142,8 @@ func (s *stagedFile) closeWrite() error {
 		return nil
 	}
 	err := s.behind.stop()
-	if s.direct != nil {
-		if cerr := s.direct.Close(); err == nil {
-			err = cerr
-		}
+	if cerr := s.direct.Close(); err == nil {
+		err = cerr
 	}
 	if cerr := s.write.Close(); err == nil {
 		err = cerr

@@ -1,10 +1,10 @@
 package fs
 
 import (
-	"errors"
 	"os"
 	"sync"
-	"syscall"
+
+	"snapfs/internal/directio"
 )
 
 // Write-behind for the staging files of imports.
@@ -17,15 +17,18 @@ import (
 // per file writes the buffers in order behind it, as qemu-img convert
 // keeps its writes in flight while it reads.
 //
-// The writes the goroutine makes are direct (O_DIRECT) when the file's
-// filesystem takes them and the write is aligned (cp's are): no page cache
+// The writes the goroutine makes are direct (O_DIRECT, internal/directio)
+// when the file's filesystem takes them, for the whole pages of a write at
+// an aligned offset (all of cp's writes but its last): no page cache
 // is filled, so the goroutine's CPU stays free for cp, the disk is busy
 // while cp reads, and the store's fsync of the file finds nothing left to
 // write. mountbench's case 4 (cp against qemu-img convert), run in turns
 // with buffered writes behind cp: 1.10 and 0.91 against 0.91 and 0.75; an
 // earlier version found direct writes that cp waited for slower than
-// buffered ones (the disk idled while cp read). Other writes go through
-// the page cache; the kernel keeps the two coherent.
+// buffered ones (the disk idled while cp read); session 8 measured
+// buffered writes a little faster (0.62-1.05 against 0.58-0.62): noise
+// decides, re-measure before changing. Other writes go through the page
+// cache; the kernel keeps the two coherent.
 //
 // The first failure (a full disk) is kept: the next write, the import
 // (closeWrite) and fsync return it, so cp and close(2) report it.
@@ -51,10 +54,10 @@ var writePool = &chunkPool{size: ioBlockSize, max: writePoolBuffers}
 // run concurrently with the goroutine that writes.
 type writeBehind struct {
 	f *os.File
-	// direct writes to the same file with O_DIRECT; nil when its
-	// filesystem does not take them.
-	direct *os.File
-	pool   *chunkPool
+	// out writes the queued writes to f, directly where it can: only
+	// the writing goroutine uses it.
+	out  *directio.Writer
+	pool *chunkPool
 	// queue holds the writes not yet written, in the order they came,
 	// at most fileQueue: a send waits while it is full.
 	queue chan queuedWrite
@@ -74,31 +77,17 @@ type queuedWrite struct {
 	off int64
 }
 
-// directAlign is the alignment of the offset and length of a direct
-// write: the page size, which every filesystem's direct I/O takes (the
-// buffers, from the pool, are mapped pages).
-const directAlign = 4096
-
-func newWriteBehind(f, direct *os.File, pool *chunkPool) *writeBehind {
-	w := &writeBehind{f: f, direct: direct, pool: pool, queue: make(chan queuedWrite, fileQueue), stopped: make(chan struct{})}
+func newWriteBehind(f *os.File, out *directio.Writer, pool *chunkPool) *writeBehind {
+	w := &writeBehind{f: f, out: out, pool: pool, queue: make(chan queuedWrite, fileQueue), stopped: make(chan struct{})}
 	go w.run()
 	return w
 }
 
-// write writes one queued write, directly if it can. Only run calls it:
-// direct is the writing goroutine's.
+// write writes one queued write, directly where it can (the buffers,
+// from the pool, are mapped pages). Only run calls it: out is the writing
+// goroutine's.
 func (w *writeBehind) write(q queuedWrite) error {
-	if w.direct != nil && q.off%directAlign == 0 && q.n%directAlign == 0 {
-		_, err := w.direct.WriteAt(q.buf[:q.n], q.off)
-		if !errors.Is(err, syscall.EINVAL) {
-			return err
-		}
-		// An alignment the filesystem refuses after all (it checks
-		// only at the first write): through the page cache from now.
-		w.direct = nil
-	}
-	_, err := w.f.WriteAt(q.buf[:q.n], q.off)
-	return err
+	return w.out.WriteAt(q.buf[:q.n], q.off)
 }
 
 // run writes the queued writes in order until the queue is closed. Once

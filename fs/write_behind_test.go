@@ -10,6 +10,8 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"snapfs/internal/directio"
 )
 
 // TestWriteBehindOrder: overlapping writes at random offsets, queued or
@@ -26,7 +28,7 @@ func TestWriteBehindOrder(t *testing.T) {
 	if err := f.Truncate(size); err != nil { // the random writes may not reach the end
 		t.Fatal(err)
 	}
-	w := newWriteBehind(f, nil, pool)
+	w := newWriteBehind(f, directio.Buffered(f), pool)
 	want := make([]byte, size)
 	rng := rand.New(rand.NewPCG(1, 2))
 	for i := range 2000 {
@@ -73,7 +75,7 @@ func TestWriteBehindFailure(t *testing.T) {
 	}
 	defer f.Close()
 	pool := &chunkPool{size: 4096, max: 4}
-	w := newWriteBehind(f, nil, pool)
+	w := newWriteBehind(f, directio.Buffered(f), pool)
 	if n, err := w.WriteAt([]byte("queued"), 0); err != nil || n != 6 {
 		t.Fatalf("the first write is queued: %d, %v", n, err)
 	}

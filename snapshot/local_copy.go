@@ -10,6 +10,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"snapfs/internal/directio"
 	"snapfs/qcow"
 )
 
@@ -91,19 +92,20 @@ func keepsAsIs(st os.FileInfo, size int64) bool {
 const copySlack = 16 << 20
 
 // copySparse copies the first size bytes of src into dst, an empty file
-// already truncated to size, leaving holes where src has them. One goroutine reads src through the
-// page cache while another writes what it read, so that both the reads
-// and the writes keep the disk busy.
+// already truncated to size, leaving holes where src has them. One
+// goroutine reads src through the page cache while another writes what it
+// read, so that both the reads and the writes keep the disk busy.
 //
-// The writes are direct (O_DIRECT) where the filesystem takes them: no
+// The writes are direct (internal/directio) where the filesystem takes
+// them: no
 // page cache is filled for the copy, and the store's fsync finds nothing
 // left to write. On this project's test machines (VMs), filling new page
 // cache pages in small pieces was the costliest step of all: the first
 // copy_file_range version, which the kernel runs 4 KiB at a time,
 // spent 6.7 s of CPU copying 2 GiB (perf: memcpy in generic_perform_write).
 func copySparse(ctx context.Context, dst *os.File, src sourceFile, size int64, progress func(done, total int64)) error {
-	w := newCopyWriter(dst)
-	defer w.close()
+	w := directio.NewWriter(dst)
+	defer w.Close()
 	free := make(chan []byte, copyBuffers)
 	for range copyBuffers {
 		buf, err := syscall.Mmap(-1, 0, copyBufSize, syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_PRIVATE|syscall.MAP_ANON)
@@ -120,7 +122,7 @@ func copySparse(ctx context.Context, dst *os.File, src sourceFile, size int64, p
 		var err error
 		for p := range full {
 			if err == nil {
-				if err = w.writeAt(p.buf[:p.n], p.off); err != nil {
+				if err = w.WriteAt(p.buf[:p.n], p.off); err != nil {
 					failed.Store(true)
 				} else if progress != nil {
 					progress(p.off+int64(p.n), size)
@@ -206,49 +208,4 @@ func nextData(src io.Seeker, off, size int64) (start, end int64, err error) {
 		return 0, 0, err
 	}
 	return start, min(end, size), nil
-}
-
-// copyWriter writes to a file, directly (O_DIRECT) where the filesystem,
-// the offset and the length allow it, else through the page cache; the
-// kernel keeps the two coherent.
-type copyWriter struct {
-	f      *os.File
-	direct *os.File // nil: the filesystem takes no direct writes
-}
-
-// directAlign is the alignment of a direct write's offset and length (and
-// buffer: copySparse's are mapped pages): the page size, which every
-// filesystem's direct I/O takes.
-const directAlign = 4096
-
-func newCopyWriter(f *os.File) *copyWriter {
-	direct, err := os.OpenFile(f.Name(), os.O_WRONLY|syscall.O_DIRECT|syscall.O_NOFOLLOW, 0)
-	if err != nil {
-		direct = nil
-	}
-	return &copyWriter{f: f, direct: direct}
-}
-
-// writeAt writes p at off: the whole pages directly, a tail through the
-// page cache.
-func (w *copyWriter) writeAt(p []byte, off int64) error {
-	if w.direct != nil && off%directAlign == 0 {
-		if n := len(p) &^ (directAlign - 1); n > 0 {
-			if _, err := w.direct.WriteAt(p[:n], off); err != nil {
-				return err
-			}
-			p, off = p[n:], off+int64(n)
-		}
-	}
-	if len(p) == 0 {
-		return nil
-	}
-	_, err := w.f.WriteAt(p, off)
-	return err
-}
-
-func (w *copyWriter) close() {
-	if w.direct != nil {
-		w.direct.Close()
-	}
 }
