@@ -1,13 +1,17 @@
 package fs
 
 import (
+	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"os/signal"
 	"runtime"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/hanwen/go-fuse/v2/fuse"
 )
 
 // TestStatUnderSignals: stat of head.raw, which walks the head's
@@ -62,5 +66,33 @@ func TestStatUnderSignals(t *testing.T) {
 		case <-tick.C:
 			syscall.Tgkill(os.Getpid(), tid, syscall.SIGUSR1)
 		}
+	}
+}
+
+// TestSteadyContext: the context of a request's work outlives an
+// interrupt while the caller lives, and ends once the caller is killed.
+func TestSteadyContext(t *testing.T) {
+	caller := exec.Command("sleep", "60")
+	if err := caller.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer caller.Process.Kill()
+	fsys := &filesystem{ctx: context.Background()}
+	request, interrupt := context.WithCancel(fuse.NewContext(context.Background(), &fuse.Caller{Pid: uint32(caller.Process.Pid)}))
+	work, done := fsys.steadyContext(request)
+	defer done()
+
+	interrupt()
+	select {
+	case <-work.Done():
+		t.Fatal("the work ended at an interrupt of a caller that lives on")
+	case <-time.After(500 * time.Millisecond):
+	}
+	caller.Process.Kill()
+	caller.Wait()
+	select {
+	case <-work.Done():
+	case <-time.After(time.Minute):
+		t.Fatal("the work went on for a minute after its caller was killed")
 	}
 }

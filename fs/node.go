@@ -213,12 +213,9 @@ func (f *filesystem) steadyContext(ctx context.Context) (context.Context, contex
 	if !ok {
 		return mctx, cancel
 	}
-	go func() {
-		select {
-		case <-mctx.Done():
-			return
-		case <-ctx.Done():
-		}
+	// Nothing runs until the request is interrupted (AfterFunc starts
+	// no goroutine before that): stat and lookup come by the thousand.
+	stop := context.AfterFunc(ctx, func() {
 		// Interrupted: from now on, poll whether the caller is dying.
 		// The kernel sends only one interrupt per request.
 		tick := time.NewTicker(100 * time.Millisecond)
@@ -234,6 +231,9 @@ func (f *filesystem) steadyContext(ctx context.Context) (context.Context, contex
 			case <-tick.C:
 			}
 		}
-	}()
-	return mctx, cancel
+	})
+	return mctx, func() {
+		stop()
+		cancel()
+	}
 }
