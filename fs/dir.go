@@ -2,6 +2,7 @@ package fs
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"syscall"
 	"time"
@@ -145,6 +146,11 @@ func (d *dir) Mkdir(ctx context.Context, name string, _ uint32, out *fuse.EntryO
 		if err == nil {
 			return in, 0
 		}
+	}
+	if errors.Is(err, snapshot.ErrBusy) {
+		// mkdir can only say EBUSY, as rmdir (deleteWaiting): the log
+		// says why (qemu has a head open: stop the VM first).
+		d.fsys.log.Printf("snapfs: mkdir %s: %v", name, err)
 	}
 	return nil, d.fsys.errno("mkdir "+name, err)
 }
