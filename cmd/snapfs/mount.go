@@ -38,8 +38,8 @@ var mountCmd = &cobra.Command{
 	Short: "Show the store's volumes, snapshots and instances as files",
 	Long: `mount shows the store as a filesystem on MOUNTPOINT, in the foreground, until
 it is unmounted: Ctrl-C (SIGINT) or SIGTERM here, or fusermount3 -u MOUNTPOINT
-from anywhere. A second Ctrl-C while files are still open detaches the mount
-at once (lazy unmount).
+from anywhere. While files are still open, Ctrl-C unmounts once they are
+closed; a second Ctrl-C detaches the mount at once (lazy unmount).
 
   volumes/VOL/snapshots/SNAP/disk.raw    read it to export a snapshot (sparse)
   volumes/VOL/snapshots/SNAP/disk.qcow2  the same as qcow2
@@ -173,23 +173,41 @@ func runMount(cmd *cobra.Command, args []string) error {
 		close(unmounted)
 	}()
 	requests := unmountRequests(cmd.Context(), unmounted)
-	for asked := 1; ; asked++ {
+	// retry ticks while a first request found the mount busy: the message
+	// tells the user to close what is open, and closing it must then be
+	// enough to unmount.
+	var retry <-chan time.Time
+	for asked := 0; ; {
 		select {
 		case <-unmounted:
 			return nil
+		case <-retry:
+			if srv.Unmount() == nil {
+				retry = nil
+			}
+			continue
 		case <-requests:
+			asked++
 		}
 		if asked == 1 {
 			if err := srv.Unmount(); err != nil {
-				fmt.Fprintf(stderr, "snapfs: %s is busy (a file or directory under it is in use): close it, or press Ctrl-C again to detach the mount now\n", srv.Mountpoint())
+				fmt.Fprintf(stderr, "snapfs: %s is busy (a file or directory under it is in use): close it and snapfs unmounts, or press Ctrl-C again to detach the mount now\n", srv.Mountpoint())
+				ticker := time.NewTicker(busyRetry)
+				defer ticker.Stop()
+				retry = ticker.C
 			}
 			continue
 		}
+		retry = nil
 		if err := srv.LazyUnmount(); err != nil {
 			return err
 		}
 	}
 }
+
+// busyRetry is how often a mount that was busy at Ctrl-C tries to unmount
+// again, until what was open is closed or a second Ctrl-C detaches it.
+const busyRetry = 500 * time.Millisecond
 
 // unmountRequests returns a channel that receives one value per request to
 // unmount: the end of ctx (main ends it at the first SIGINT or SIGTERM, a

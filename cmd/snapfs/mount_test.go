@@ -201,6 +201,32 @@ func TestMountBusy(t *testing.T) {
 	}
 }
 
+// TestMountBusyThenClosed: Ctrl-C while a file is open says "close it";
+// closing it is then enough: snapfs unmounts and exits without a second
+// Ctrl-C.
+func TestMountBusyThenClosed(t *testing.T) {
+	store, dir := t.TempDir(), filepath.Join(t.TempDir(), "mnt")
+	p := startMount(t, store, dir)
+	f, err := os.Open(filepath.Join(dir, "volumes"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.cmd.Process.Signal(syscall.SIGINT)
+	if !p.waitOutput("is busy") {
+		t.Fatalf("no busy message: %s", p.output())
+	}
+	if !isMounted(dir) {
+		t.Fatal("unmounted while busy")
+	}
+	f.Close()
+	if err := p.waitExit(t); err != nil {
+		t.Fatalf("exit: %v: %s", err, p.output())
+	}
+	if isMounted(dir) {
+		t.Fatal("still mounted after the file was closed")
+	}
+}
+
 // TestMountStale: a mount left by a snapfs killed with -9 is reported, with
 // the command that fixes it.
 func TestMountStale(t *testing.T) {
