@@ -274,27 +274,17 @@ func (c volumeContents) unlink(ctx context.Context, name string) error {
 	return c.fsys.manager.Flatten(c.fsys.ctx, c.volume)
 }
 
-// volumeInfo is volumes/VOL/info.json: the volume as the model describes it
-// (size, head_path, chain, parent, bytes_used...) and its snapshots.
-type volumeInfo struct {
-	snapshot.Volume
-	Snapshots []string `json:"snapshots"`
-	Latest    string   `json:"latest,omitempty"`
-}
-
+// info is volumes/VOL/info.json: the volume as the model describes it
+// (size, head_path, chain, parent, bytes_used...) and its snapshots, as
+// snapfs volume list --json shows it (snapshot.VolumeInfo).
 func (c volumeContents) info(ctx context.Context) (any, time.Time, error) {
 	v, err := c.fsys.backend.Volume(ctx, c.volume)
 	if err != nil {
 		return nil, time.Time{}, err
 	}
-	snaps, err := c.fsys.backend.ListSnapshots(ctx, c.volume)
+	info, err := snapshot.VolumeInfoFor(ctx, c.fsys.backend, v)
 	if err != nil {
 		return nil, time.Time{}, err
-	}
-	info := volumeInfo{Volume: v, Snapshots: []string{}}
-	for _, s := range snaps {
-		info.Snapshots = append(info.Snapshots, s.Name)
-		info.Latest = s.Name
 	}
 	return info, headMtime(v), nil
 }

@@ -96,7 +96,17 @@ var volumeListCmd = &cobra.Command{
 				return err
 			}
 			if storeFlags.json {
-				return writeJSON(cmd.OutOrStdout(), vols)
+				// The documents of volumes/VOL/info.json, snapshots
+				// and all: a script needs what the table shows.
+				infos := make([]snapshot.VolumeInfo, 0, len(vols))
+				for _, v := range vols {
+					info, err := snapshot.VolumeInfoFor(ctx, s, v)
+					if err != nil {
+						return err
+					}
+					infos = append(infos, info)
+				}
+				return writeJSON(cmd.OutOrStdout(), infos)
 			}
 			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 0, 2, ' ', 0)
 			fmt.Fprintln(w, "NAME\tSIZE\tUSED\tSNAPSHOTS\tPARENT\tHEAD")

@@ -49,9 +49,9 @@ func TestStoreCommands(t *testing.T) {
 	if got := qemutest.ConvertRaw(t, snap.Path); string(got) != string(before) {
 		t.Fatal("the snapshot layer does not read as the head did")
 	}
-	var vols []snapshot.Volume
+	var vols []snapshot.VolumeInfo
 	decode(t, mustSucceed(t, "volume", "list", st, "--json"), &vols)
-	if len(vols) != 1 || len(vols[0].Chain) != 2 {
+	if len(vols) != 1 || len(vols[0].Chain) != 2 || !slices.Equal(vols[0].Snapshots, []string{"s1"}) || vols[0].Latest != "s1" {
 		t.Fatalf("volumes %+v", vols)
 	}
 	qemutest.IO(t, vols[0].HeadPath, "write -P 0x22 512k 1M")
