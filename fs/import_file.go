@@ -47,7 +47,8 @@ import (
 //
 // After a successful import, import/NAME stays for a minute (importLinger),
 // read-only, with the size it had: tools stat the file and set its times
-// after they close it (rsync --inplace does), and must not fail then.
+// after they close it (rsync --inplace does), and must not fail then. It
+// goes at once if volumes/NAME is deleted meanwhile: the name is free.
 //
 // A folder copied into import/ (cp -r) is restored instead: see
 // import_dir.go. Its files are importFiles too, whose closes the folder
@@ -86,7 +87,41 @@ func (c *importContents) prune() {
 	}
 }
 
-func (c *importContents) list(context.Context) ([]treeNode, error) {
+// forgetDeleted forgets the finished imports among names whose volume is
+// gone (snapfs volume delete NAME): the name is free again, so a new cp to
+// import/NAME must start a new import rather than open the old file and
+// fail with EEXIST until importLinger is over.
+func (c *importContents) forgetDeleted(ctx context.Context, names map[string]*importFile) {
+	for name, f := range names {
+		if _, err := c.fsys.backend.Volume(ctx, name); !errors.Is(err, snapshot.ErrNotFound) {
+			continue
+		}
+		c.mu.Lock()
+		if fi, ok := c.finished[name]; ok && fi.f == f {
+			delete(c.finished, name)
+		}
+		c.mu.Unlock()
+	}
+}
+
+// finishedFiles returns the finished imports shown, by name (or only the
+// one of that name, when name is not ""). c.mu is held.
+func (c *importContents) finishedFiles(name string) map[string]*importFile {
+	c.prune()
+	out := make(map[string]*importFile)
+	for n, fi := range c.finished {
+		if name == "" || n == name {
+			out[n] = fi.f
+		}
+	}
+	return out
+}
+
+func (c *importContents) list(ctx context.Context) ([]treeNode, error) {
+	c.mu.Lock()
+	finished := c.finishedFiles("")
+	c.mu.Unlock()
+	c.forgetDeleted(ctx, finished)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.prune()
@@ -103,7 +138,11 @@ func (c *importContents) list(context.Context) ([]treeNode, error) {
 	return out, nil
 }
 
-func (c *importContents) find(_ context.Context, name string) (treeNode, error) {
+func (c *importContents) find(ctx context.Context, name string) (treeNode, error) {
+	c.mu.Lock()
+	finished := c.finishedFiles(name)
+	c.mu.Unlock()
+	c.forgetDeleted(ctx, finished)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if f, ok := c.pending[name]; ok {
