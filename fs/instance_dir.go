@@ -155,7 +155,7 @@ func (c instanceSnapshotsContents) find(ctx context.Context, name string) (treeN
 }
 
 func (c instanceSnapshotsContents) mkdir(ctx context.Context, name string) (treeNode, error) {
-	if err := snapshot.CheckSnapshotName(name); err != nil {
+	if err := snapshot.CheckNewSnapshotName(name); err != nil {
 		return nil, err
 	}
 	mctx, cancel := c.fsys.steadyContext(ctx)

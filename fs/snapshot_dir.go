@@ -70,7 +70,7 @@ func (c snapshotsContents) latest(newest snapshot.Snapshot) *symlink {
 func (c snapshotsContents) mkdir(ctx context.Context, name string) (treeNode, error) {
 	// The backend checks names too; "latest" is the tree's, so the tree
 	// makes sure.
-	if err := snapshot.CheckSnapshotName(name); err != nil {
+	if err := snapshot.CheckNewSnapshotName(name); err != nil {
 		return nil, err
 	}
 	mctx, cancel := c.fsys.steadyContext(ctx)

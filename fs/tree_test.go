@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 
@@ -364,4 +365,27 @@ func TestRmdirAfterClose(t *testing.T) {
 			t.Fatalf("round %d: rmdir right after close: %v", i, err)
 		}
 	}
+}
+
+// TestLongSnapshotNames: mkdir takes a snapshot whose name leaves room for
+// since/NAME.qcow2 in the later snapshots (249 bytes), and refuses a longer
+// one with EINVAL, which would have made since/ list a name no filesystem
+// holds (cp -r and rsync -a of snapshots/ would fail).
+func TestLongSnapshotNames(t *testing.T) {
+	store := newStore(t)
+	newVolume(t, store, "v", 4<<20, "write -P 1 0 1M")
+	m := testMount(t, store)
+	snaps := m.path("volumes/v/snapshots")
+	longest := strings.Repeat("n", 249)
+	mustFail(t, "mkdir of a 250-byte name", os.Mkdir(filepath.Join(snaps, longest+"n"), 0o755), syscall.EINVAL)
+	for _, name := range []string{longest, "next"} {
+		if err := os.Mkdir(filepath.Join(snaps, name), 0o755); err != nil {
+			t.Fatalf("mkdir %d bytes: %v", len(name), err)
+		}
+	}
+	since := filepath.Join(snaps, "next", "since", longest+".qcow2")
+	if _, err := os.Stat(since); err != nil {
+		t.Fatalf("since/ of the 249-byte name: %v", err)
+	}
+	qemutest.Check(t, since)
 }

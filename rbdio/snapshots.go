@@ -140,7 +140,7 @@ func checkConsistency(c snapshot.Consistency) error {
 // CrashConsistent asked for is recorded only when it was achieved. The
 // snapshots exist all or none: on an error, those made are removed.
 func (p *Pool) CreateSnapshots(ctx context.Context, volumes []string, name string, opts snapshot.SnapshotOptions) ([]snapshot.Snapshot, error) {
-	if err := snapshot.CheckSnapshotName(name); err != nil {
+	if err := snapshot.CheckNewSnapshotName(name); err != nil {
 		return nil, err
 	}
 	if len(volumes) == 0 {

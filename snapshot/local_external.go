@@ -78,7 +78,7 @@ func (s *LocalStore) intentPath(volume string) string {
 // or Abort if qemu did not switch. ErrNotFound when headPath is no
 // volume's head; ErrExists when the volume has a snapshot of that name.
 func (s *LocalStore) PrepareExternalHead(ctx context.Context, headPath, name string, opts SnapshotOptions) (h *ExternalHead, err error) {
-	if err := CheckSnapshotName(name); err != nil {
+	if err := CheckNewSnapshotName(name); err != nil {
 		return nil, err
 	}
 	if err := checkMetadata(opts.Metadata); err != nil {

@@ -176,7 +176,7 @@ func (s *LocalStore) InstanceSnapshot(ctx context.Context, instance, name string
 // every disk's volume and the instance record, all in one metadata commit.
 // The consistency defaults to crash-consistent.
 func (s *LocalStore) CreateInstanceSnapshot(ctx context.Context, instance, name string, opts InstanceSnapshotOptions) (InstanceSnapshot, error) {
-	if err := CheckSnapshotName(name); err != nil {
+	if err := CheckNewSnapshotName(name); err != nil {
 		return InstanceSnapshot{}, err
 	}
 	if err := checkMetadata(opts.Metadata); err != nil {

@@ -47,7 +47,7 @@ func checkSpec(spec RestoreSpec) error {
 			return err
 		}
 		if sn := v.Snapshot; sn.Name != "" {
-			if err := CheckSnapshotName(sn.Name); err != nil {
+			if err := CheckNewSnapshotName(sn.Name); err != nil {
 				return err
 			}
 			if err := checkRestoredConsistency(sn.Consistency); err != nil {

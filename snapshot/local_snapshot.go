@@ -61,7 +61,7 @@ func (s *LocalStore) CreateSnapshots(ctx context.Context, volumes []string, name
 // record to the same commit.
 func (s *LocalStore) createSnapshots(ctx context.Context, volumes []string, name string, opts SnapshotOptions,
 	instance string, record func(m *storeMeta) error) ([]Snapshot, error) {
-	if err := CheckSnapshotName(name); err != nil {
+	if err := CheckNewSnapshotName(name); err != nil {
 		return nil, err
 	}
 	if len(volumes) == 0 {

@@ -435,7 +435,12 @@ func TestNames(t *testing.T) {
 		}
 	}
 	mustSnapshot(t, s, "v", "snap with spaces & ü")
-	mustSnapshot(t, s, long, long)
+	// A new snapshot's name leaves room for ".qcow2": since/NAME.qcow2
+	// of later snapshots must fit in NAME_MAX.
+	if _, err := s.CreateSnapshots(ctx, []string{long}, long, SnapshotOptions{}); !errors.Is(err, ErrInvalidName) {
+		t.Errorf("snapshot of %d bytes: %v", len(long), err)
+	}
+	mustSnapshot(t, s, long, long[:maxNewSnapshotNameLen-1]+"x")
 	if _, err := s.CreateSnapshots(ctx, []string{"v"}, "snap with spaces & ü", SnapshotOptions{}); !errors.Is(err, ErrExists) {
 		t.Errorf("existing snapshot: %v", err)
 	}

@@ -172,7 +172,7 @@ func (m *Manager) SnapshotInstance(ctx context.Context, instance, name string, m
 	if m.Instances == nil {
 		return InstanceSnapshot{}, notFound("instance", instance)
 	}
-	if err := CheckSnapshotName(name); err != nil {
+	if err := CheckNewSnapshotName(name); err != nil {
 		return InstanceSnapshot{}, err
 	}
 	// A provider that quiesces on its own does it all: freezing here

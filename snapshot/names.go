@@ -39,6 +39,26 @@ func CheckSnapshotName(name string) error {
 	return nil
 }
 
+// maxNewSnapshotNameLen is the longest name of a snapshot taken now:
+// every later snapshot of the volume shows it as since/NAME.qcow2, a file
+// name that must fit in NAME_MAX too.
+const maxNewSnapshotNameLen = MaxNameLen - len(".qcow2")
+
+// CheckNewSnapshotName is CheckSnapshotName for a snapshot about to be
+// taken or restored, which may be at most 249 bytes long (see
+// maxNewSnapshotNameLen). Names already stored are checked with
+// CheckSnapshotName, so that a store holding a longer one still opens.
+func CheckNewSnapshotName(name string) error {
+	if err := CheckSnapshotName(name); err != nil {
+		return err
+	}
+	if len(name) > maxNewSnapshotNameLen {
+		return fmt.Errorf("%w: snapshot name is %d bytes long; at most %d, so that since/NAME.qcow2 of later snapshots fits in a file name",
+			ErrInvalidName, len(name), maxNewSnapshotNameLen)
+	}
+	return nil
+}
+
 // CheckInstanceName returns an error wrapping ErrInvalidName unless name can
 // name an instance.
 func CheckInstanceName(name string) error { return checkName("instance", name) }

@@ -74,7 +74,7 @@ type plannedDisk struct {
 // through Freeze (the generic InstanceProvider path): the snapshot does not
 // freeze again, and checks that one instead.
 func (p *Provider) snapshot(ctx context.Context, domain, name string, opts SnapshotOptions, held *frozen) (Record, error) {
-	if err := snapshot.CheckSnapshotName(name); err != nil {
+	if err := snapshot.CheckNewSnapshotName(name); err != nil {
 		return Record{}, err
 	}
 	dom, uuid, err := p.lookup(domain)
