@@ -62,8 +62,15 @@ func (j *jsonFile) attr(ctx context.Context, a *fuse.Attr) error {
 	return nil
 }
 
-// Getattr implements [fusefs.NodeGetattrer].
-func (j *jsonFile) Getattr(ctx context.Context, _ fusefs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+// Getattr implements [fusefs.NodeGetattrer]. fstat of an open file
+// describes the document its handle holds, which may be gone from the
+// model (meta.json of a snapshot deleted meanwhile): its reader reads on.
+func (j *jsonFile) Getattr(ctx context.Context, fh fusefs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	if h, ok := fh.(*bytesHandle); ok {
+		j.fillAttr(&out.Attr, int64(len(h.data)), int64(len(h.data)), h.mtime)
+		out.SetTimeout(j.attrTimeout)
+		return 0
+	}
 	return getattr(ctx, j, out)
 }
 
@@ -78,22 +85,25 @@ func (j *jsonFile) Open(ctx context.Context, flags uint32) (fusefs.FileHandle, u
 	if flags&syscall.O_ACCMODE != syscall.O_RDONLY {
 		return nil, 0, syscall.EROFS
 	}
-	data, _, err := j.render(ctx)
+	data, mtime, err := j.render(ctx)
 	if err != nil {
 		return nil, 0, j.fsys.errno("open "+j.name, err)
 	}
-	return bytesHandle(data), fuse.FOPEN_DIRECT_IO, 0
+	return &bytesHandle{data: data, mtime: mtime}, fuse.FOPEN_DIRECT_IO, 0
 }
 
 // bytesHandle is an open file whose content is in memory.
-type bytesHandle []byte
+type bytesHandle struct {
+	data  []byte
+	mtime time.Time
+}
 
-var _ fusefs.FileReader = bytesHandle(nil)
+var _ fusefs.FileReader = (*bytesHandle)(nil)
 
 // Read implements [fusefs.FileReader].
-func (b bytesHandle) Read(_ context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
-	if off >= int64(len(b)) {
+func (b *bytesHandle) Read(_ context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	if off >= int64(len(b.data)) {
 		return fuse.ReadResultData(nil), 0
 	}
-	return fuse.ReadResultData(b[off:min(int64(len(b)), off+int64(len(dest)))]), 0
+	return fuse.ReadResultData(b.data[off:min(int64(len(b.data)), off+int64(len(dest)))]), 0
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -388,4 +389,41 @@ func TestLongSnapshotNames(t *testing.T) {
 		t.Fatalf("since/ of the 249-byte name: %v", err)
 	}
 	qemutest.Check(t, since)
+}
+
+// TestOpenMetaOutlivesRmdir: meta.json is read whole at open, so it does
+// not hold its snapshot (rmdir goes on, unlike with disk.raw open), and
+// its reader keeps the document: fstat and read of the open file answer
+// after the snapshot is gone (cat does both).
+func TestOpenMetaOutlivesRmdir(t *testing.T) {
+	store := newStore(t)
+	newVolume(t, store, "v", 4<<20, "write -P 1 0 1M")
+	m := testMount(t, store)
+	dir := m.path("volumes/v/snapshots/s")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	want, err := os.ReadFile(filepath.Join(dir, "meta.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(filepath.Join(dir, "meta.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if err := os.Remove(dir); err != nil {
+		t.Fatalf("rmdir with meta.json open: %v", err)
+	}
+	st, err := f.Stat()
+	if err != nil {
+		t.Fatalf("fstat of meta.json after rmdir: %v", err)
+	}
+	got, err := io.ReadAll(f)
+	if err != nil {
+		t.Fatalf("read of meta.json after rmdir: %v", err)
+	}
+	if !bytes.Equal(got, want) || st.Size() != int64(len(want)) {
+		t.Errorf("meta.json after rmdir: %d bytes (stat %d), want the %d read before", len(got), st.Size(), len(want))
+	}
 }
