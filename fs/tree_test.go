@@ -427,3 +427,39 @@ func TestOpenMetaOutlivesRmdir(t *testing.T) {
 		t.Errorf("meta.json after rmdir: %d bytes (stat %d), want the %d read before", len(got), st.Size(), len(want))
 	}
 }
+
+// TestOpenHeadLive: head.raw kept open reads what the head holds now:
+// clusters that qemu allocated after the open (a chain keeps the L2
+// tables it read), and the new head of a snapshot taken after the open.
+func TestOpenHeadLive(t *testing.T) {
+	store := newStore(t)
+	newVolume(t, store, "v", 4<<20, "write -P 1 0 64k")
+	m := testMount(t, store)
+	f, err := os.Open(m.path("volumes/v/head.raw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	at := func(off int64) byte {
+		t.Helper()
+		b := make([]byte, 1)
+		if _, err := f.ReadAt(b, off); err != nil {
+			t.Fatal(err)
+		}
+		return b[0]
+	}
+	if got := at(3 << 20); got != 0 {
+		t.Fatalf("head.raw at 3M before any write there: %d", got)
+	}
+	writeHead(t, store, "v", "write -P 2 3M 64k")
+	if got := at(3 << 20); got != 2 {
+		t.Errorf("the open head.raw at 3M after qemu allocated it: %d, want 2", got)
+	}
+	if err := os.Mkdir(m.path("volumes/v/snapshots/s"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	writeHead(t, store, "v", "write -P 3 2M 64k")
+	if got, old := at(2<<20), at(3<<20); got != 3 || old != 2 {
+		t.Errorf("the open head.raw after a snapshot and a write to the new head: %d at 2M (want 3), %d at 3M (want 2)", got, old)
+	}
+}

@@ -926,17 +926,16 @@ func (s *LocalStore) headFree(name string, v *volumeMeta) error {
 	return nil
 }
 
-// OpenHead implements [Backend]. The image reads the head as it is when
-// its metadata is first read: L2 tables are cached, so writes that qemu
-// makes later may or may not show. Open it again to see them.
+// OpenHead implements [Backend]. The image reads the head as it is at
+// each read (see liveHead): what qemu wrote since, and the new head file
+// of a snapshot taken since. Writes that qemu still holds in its own
+// metadata cache show once qemu writes that cache back (at a flush).
 func (s *LocalStore) OpenHead(ctx context.Context, volume string) (qcow.Image, error) {
-	return s.openResolved(ctx, func(m *storeMeta) (string, error) {
-		v, err := m.volume(volume)
-		if err != nil {
-			return "", err
-		}
-		return v.Head, nil
-	})
+	h, err := s.openLiveHead(ctx, volume)
+	if err != nil {
+		return nil, err // not a nil *liveHead in a non-nil Image
+	}
+	return h, nil
 }
 
 // ImportVolume implements [Backend]. The image, untrusted (see
