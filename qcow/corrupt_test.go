@@ -174,6 +174,10 @@ func corruptCases() []corruptCase {
 		poke64(b, hdrSnapshotsOffset, 16<<20)
 		poke32(b, hdrNbSnapshots, 0x10000)
 	})
+	// qemu refuses it ("Compression type incompatible feature bit must
+	// not be set"), so a store that kept it would hold a layer qemu cannot
+	// open.
+	poke("compression-type feature bit with zlib", qcow.ErrCorrupt, write512, func(b []byte) { b[hdrIncompatible+7] |= 1 << 3 })
 	poke("080: invalid L1 table (0xffffffff entries)", qcow.ErrLimit, nil, func(b []byte) { poke32(b, hdrL1Size, 0xffffffff) })
 	poke("080: invalid L1 table (0x7fffffff entries)", qcow.ErrLimit, nil, func(b []byte) { poke32(b, hdrL1Size, 0x7fffffff) })
 	poke("080: invalid L1 table (offset near 2^63)", qcow.ErrCorrupt, nil, func(b []byte) {

@@ -199,6 +199,11 @@ func readHeader(r io.ReaderAt, fileSize int64) (*header, error) {
 	if h.incompatible&incompatCompression == 0 && h.compression != CompressionZlib {
 		return nil, corruptf("compression type %d set without the compression-type feature bit", h.compression)
 	}
+	// QEMU (validate_compression_type) refuses the bit with zlib too: an
+	// image it cannot open must not become a layer that it has to.
+	if h.incompatible&incompatCompression != 0 && h.compression == CompressionZlib {
+		return nil, corruptf("compression-type feature bit set with the default compression type (zlib)")
+	}
 	if h.compression != CompressionZlib && h.compression != CompressionZstd {
 		return nil, fmt.Errorf("%w: compression type %d", ErrUnsupported, h.compression)
 	}
