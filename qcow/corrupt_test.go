@@ -168,6 +168,12 @@ func corruptCases() []corruptCase {
 		poke64(b, hdrSnapshotsOffset, 0x1234567890abcdef)
 		poke32(b, hdrNbSnapshots, 0)
 	})
+	// qemu refuses it ("Snapshot table offset invalid"), so a store that
+	// kept it would hold a layer qemu cannot open.
+	poke("snapshot table offset 2^63, no snapshots", qcow.ErrCorrupt, write512, func(b []byte) {
+		poke64(b, hdrSnapshotsOffset, 1<<63)
+		poke32(b, hdrNbSnapshots, 0)
+	})
 	// qemu opens this one (it reads zeros past the end of the file); we
 	// refuse a table that is not in the file.
 	poke("080: hitting snapshot table size limit (table past the end of the file)", qcow.ErrCorrupt, nil, func(b []byte) {

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"math"
 	"strings"
 )
 
@@ -240,13 +241,10 @@ func readHeader(r io.ReaderAt, fileSize int64) (*header, error) {
 	if h.nbSnapshots > maxSnapshots {
 		return nil, fmt.Errorf("%w: %d internal snapshots (QEMU allows %d)", ErrLimit, h.nbSnapshots, maxSnapshots)
 	}
-	if h.snapshotsOffset%uint64(cs) != 0 {
-		return nil, corruptf("snapshot table offset %#x is not aligned to a cluster", h.snapshotsOffset)
-	}
-	if h.nbSnapshots > 0 {
-		if h.snapshotsOffset >= uint64(fileSize) {
-			return nil, corruptf("snapshot table offset %#x is past the end of the file", h.snapshotsOffset)
-		}
+	// Entries vary in length: the table is checked for their fixed part,
+	// as QEMU's qcow2_validate_table does (readSnapshots checks the rest).
+	if err := checkTable("snapshot table", h.snapshotsOffset, uint64(h.nbSnapshots), snapshotHeaderBytes, maxSnapTableBytes, cs, fileSize); err != nil {
+		return nil, err
 	}
 	if err := h.readExtensions(r, buf, fileSize); err != nil {
 		return nil, err
@@ -272,6 +270,11 @@ func checkTable(what string, off, count, entrySize, maxBytes uint64, cs, fileSiz
 	// table: so do we, so that we refuse no less than it does.
 	if off%uint64(cs) != 0 {
 		return corruptf("%s offset %#x is not aligned to a cluster", what, off)
+	}
+	// Nor may the table end past 2^63, empty or not: QEMU refuses it
+	// ("offset invalid").
+	if off > math.MaxInt64-count*entrySize {
+		return corruptf("%s offset %#x is beyond 2^63", what, off)
 	}
 	if count == 0 {
 		return nil

@@ -19,6 +19,10 @@ type SnapshotInfo struct {
 	l1Size       uint32
 }
 
+// snapshotHeaderBytes is the fixed part of a snapshot table entry, before
+// its extra data, ID and name.
+const snapshotHeaderBytes = 40
+
 // readSnapshots parses the internal snapshot table, checking every entry
 // against QEMU's limits and the file size.
 func readSnapshots(r io.ReaderAt, h *header, fileSize int64) ([]SnapshotInfo, error) {
@@ -33,7 +37,7 @@ func readSnapshots(r io.ReaderAt, h *header, fileSize int64) ([]SnapshotInfo, er
 		if off-int64(h.snapshotsOffset) > maxSnapTableBytes {
 			return nil, fmt.Errorf("%w: snapshot table is larger than %d bytes", ErrLimit, maxSnapTableBytes)
 		}
-		var fixed [40]byte
+		var fixed [snapshotHeaderBytes]byte
 		if off+int64(len(fixed)) > fileSize {
 			return nil, corruptf("snapshot table entry %d runs past the end of the file", i)
 		}
