@@ -548,6 +548,10 @@ func TestCorruptButReadable(t *testing.T) {
 			poke64(b, l2Offset(b), 0x800000ffffff0000)
 			return b
 		}},
+		{"virtual size 65535: qemu reads whole sectors only (65024 bytes)", []string{"write -P 5 0 64k"}, func(b []byte) []byte {
+			poke64(b, hdrSize, 65535)
+			return b
+		}},
 		{"060: corrupt bit set: qemu reads it read-only", []string{"write -P 4 0 64k"}, func(b []byte) []byte {
 			b[hdrIncompatible+7] |= 1 << 1
 			return b

@@ -128,7 +128,15 @@ func openQcow2(f File, cache *Cache, decompress Decompressor) (*qcowLayer, error
 	return l, nil
 }
 
-func (l *qcowLayer) size() int64  { return int64(l.h.size) }
+// size implements layer. QEMU counts a qcow2 image in whole sectors and
+// drops the rest (bs->total_sectors = size / 512): so do we, or a header
+// that claims 65535 bytes would show a 511-byte tail that qemu, and a VM
+// running off the image, never see.
+func (l *qcowLayer) size() int64 { return int64(l.h.size) &^ (sectorBytes - 1) }
+
+// sectorBytes is QEMU's unit of virtual sizes.
+const sectorBytes = 512
+
 func (l *qcowLayer) file() File   { return l.f }
 func (l *qcowLayer) close() error { return l.f.Close() }
 
