@@ -168,6 +168,8 @@ func corruptCases() []corruptCase {
 		poke64(b, hdrSnapshotsOffset, 0x1234567890abcdef)
 		poke32(b, hdrNbSnapshots, 0)
 	})
+	// qemu reads it as EIO ("Zero cluster entry found in pre-v3 image").
+	poke("version 2 image with a zero cluster", qcow.ErrCorrupt, []string{"write -z 0 64k"}, func(b []byte) { poke32(b, hdrVersion, 2) })
 	// qemu refuses it ("Snapshot table offset invalid"), so a store that
 	// kept it would hold a layer qemu cannot open.
 	poke("snapshot table offset 2^63, no snapshots", qcow.ErrCorrupt, write512, func(b []byte) {

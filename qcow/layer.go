@@ -375,6 +375,9 @@ func (l *qcowLayer) unitAt(table []byte, pos, l1Index int64) (unitKind, int64, e
 	}
 	if !h.extendedL2() {
 		switch {
+		case entry.zero() && h.version < 3:
+			// QEMU refuses to read it: its version 2 has no zero flag.
+			return 0, 0, corruptf("zero cluster at guest offset %#x in a version 2 image", pos)
 		case entry.zero():
 			return unitZero, 0, nil
 		case host == 0 && !(l.rawDataFile() && uint64(entry)&flagCopied != 0):

@@ -187,6 +187,9 @@ func (c *Chain) Verify(ctx context.Context) error {
 		hosts = hosts[:0]
 		for j := int64(0); j < h.l2Entries(); j++ {
 			entry := l2Entry(binary.BigEndian.Uint64(table[j*entryBytes:]))
+			if err := checkL2Entry(h, entry, int64(i), j); err != nil {
+				return err
+			}
 			var host int64
 			switch {
 			case entry.compressed():
@@ -222,6 +225,15 @@ func (c *Chain) Verify(ctx context.Context) error {
 				return corruptf("L2 table %d names the data at %#x twice", i, host)
 			}
 		}
+	}
+	return nil
+}
+
+// checkL2Entry refuses an entry of L2 table i, at index j, that qemu does
+// not read: the store keeps a checked file as a layer that qemu then reads.
+func checkL2Entry(h *header, e l2Entry, i, j int64) error {
+	if !e.compressed() && e.zero() && h.version < 3 {
+		return corruptf("L2 entry %d of table %d marks a zero cluster, which version 2 images do not have", j, i)
 	}
 	return nil
 }

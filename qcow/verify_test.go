@@ -110,3 +110,42 @@ func TestVerifyRefusesSharedClusters(t *testing.T) {
 		}
 	}
 }
+
+// TestVerifyRefusesEntriesQemuDoesNotRead: L2 entries that qemu-img check
+// reports, or that qemu fails to read, are corrupt: the store keeps a file
+// that Verify passed as a layer, which qemu and VMs then read.
+func TestVerifyRefusesEntriesQemuDoesNotRead(t *testing.T) {
+	dir := t.TempDir()
+	img := qemutest.Create(t, "qcow2", filepath.Join(dir, "img.qcow2"), "4M", "-o", "cluster_size=4k")
+	qemutest.IO(t, img, "write -P 1 0 4k", "write -z 4k 4k")
+	if err := openChain(t, img).Verify(context.Background()); err != nil {
+		t.Fatalf("the image as qemu wrote it: %v", err)
+	}
+	be := binary.BigEndian
+	for _, c := range []struct {
+		name string
+		poke func(data []byte)
+		says string
+	}{
+		{"zero cluster in a version 2 image", func(data []byte) { be.PutUint32(data[4:], 2) }, "version 2"},
+	} {
+		data, err := os.ReadFile(img)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.poke(data)
+		bad := filepath.Join(dir, "bad.qcow2")
+		if err := os.WriteFile(bad, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if out, err := qemutest.Try(t, "qemu-img", "check", bad); err == nil {
+			if _, err := qemutest.Try(t, "qemu-img", "convert", "-O", "raw", bad, filepath.Join(dir, "bad.raw")); err == nil {
+				t.Fatalf("%s: qemu checks and reads it (%s): not a refusal to test", c.name, out)
+			}
+		}
+		err = openChain(t, bad).Verify(context.Background())
+		if !errors.Is(err, qcow.ErrCorrupt) || !strings.Contains(err.Error(), c.says) {
+			t.Errorf("%s: got %v, want ErrCorrupt naming %q", c.name, err, c.says)
+		}
+	}
+}
