@@ -7,6 +7,9 @@ const (
 	// standard L2 entries.
 	offsetMask     = 0x00fffffffffffe00
 	l1ReservedMask = 0x7f000000000001ff
+	// l2ReservedMask: the bits of a standard (uncompressed) L2 entry that
+	// must be 0, as QEMU's L2E_STD_RESERVED_MASK.
+	l2ReservedMask = 0x3f000000000001fe
 	flagCopied     = 1 << 63
 	flagCompressed = 1 << 62
 	flagZero       = 1 << 0

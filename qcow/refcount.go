@@ -166,6 +166,10 @@ func (c *Chain) Verify(ctx context.Context) error {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
+		// qemu-img check reports these, on any entry.
+		if bits := uint64(e) & l1ReservedMask; bits != 0 {
+			return corruptf("L1 entry %d has reserved bits set (%#x)", i, bits)
+		}
 		l2Off := e.l2Offset()
 		if l2Off == 0 {
 			continue
@@ -232,8 +236,14 @@ func (c *Chain) Verify(ctx context.Context) error {
 // checkL2Entry refuses an entry of L2 table i, at index j, that qemu does
 // not read: the store keeps a checked file as a layer that qemu then reads.
 func checkL2Entry(h *header, e l2Entry, i, j int64) error {
-	if !e.compressed() && e.zero() && h.version < 3 {
+	if e.compressed() {
+		return nil
+	}
+	if e.zero() && h.version < 3 {
 		return corruptf("L2 entry %d of table %d marks a zero cluster, which version 2 images do not have", j, i)
+	}
+	if bits := uint64(e) & l2ReservedMask; bits != 0 {
+		return corruptf("L2 entry %d of table %d has reserved bits set (%#x)", j, i, bits)
 	}
 	return nil
 }

@@ -122,12 +122,19 @@ func TestVerifyRefusesEntriesQemuDoesNotRead(t *testing.T) {
 		t.Fatalf("the image as qemu wrote it: %v", err)
 	}
 	be := binary.BigEndian
+	l2 := func(data []byte) uint64 { return be.Uint64(data[be.Uint64(data[40:]):]) & 0x00fffffffffffe00 }
 	for _, c := range []struct {
 		name string
 		poke func(data []byte)
 		says string
 	}{
 		{"zero cluster in a version 2 image", func(data []byte) { be.PutUint32(data[4:], 2) }, "version 2"},
+		{"L2 entry with reserved bit 60", func(data []byte) { be.PutUint64(data[l2(data):], be.Uint64(data[l2(data):])|1<<60) }, "L2 entry 0"},
+		{"L2 entry with reserved bit 1", func(data []byte) { be.PutUint64(data[l2(data):], be.Uint64(data[l2(data):])|1<<1) }, "L2 entry 0"},
+		{"L1 entry with reserved bit 8", func(data []byte) {
+			l1 := be.Uint64(data[40:])
+			be.PutUint64(data[l1:], be.Uint64(data[l1:])|1<<8)
+		}, "L1 entry 0"},
 	} {
 		data, err := os.ReadFile(img)
 		if err != nil {
