@@ -199,12 +199,23 @@ func OpenFile(path string) (File, error) {
 
 // openFile is OpenFile, which also returns what fstat said of the file.
 func openFile(path string) (*osFile, os.FileInfo, error) {
-	f, err := os.Open(path)
+	// O_NONBLOCK: the open of a named pipe would wait for a writer,
+	// forever and deaf to signals (snapfs volume import of a FIFO hung
+	// through SIGTERM). Only files and block devices are images.
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		return nil, nil, err
 	}
 	st, err := f.Stat()
 	if err != nil {
+		f.Close()
+		return nil, nil, err
+	}
+	if kind := notAnImageFile(st.Mode()); kind != "" {
+		f.Close()
+		return nil, nil, fmt.Errorf("qcow: %s is %s, not a file or a block device", path, kind)
+	}
+	if err := syscall.SetNonblock(int(f.Fd()), false); err != nil {
 		f.Close()
 		return nil, nil, err
 	}
@@ -216,6 +227,26 @@ func openFile(path string) (*osFile, os.FileInfo, error) {
 		}
 	}
 	return &osFile{File: f, size: size}, st, nil
+}
+
+// notAnImageFile names the kind of file of mode if it cannot hold an
+// image, and returns "" for a regular file or a block device.
+func notAnImageFile(mode os.FileMode) string {
+	switch {
+	case mode.IsRegular():
+		return ""
+	case mode.IsDir():
+		return "a directory"
+	case mode&os.ModeCharDevice != 0:
+		return "a character device"
+	case mode&os.ModeDevice != 0:
+		return ""
+	case mode&os.ModeNamedPipe != 0:
+		return "a named pipe"
+	case mode&os.ModeSocket != 0:
+		return "a socket"
+	}
+	return "a special file"
 }
 
 // OpenImmutableFile is OpenFile for a file that is never written while
