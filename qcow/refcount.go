@@ -1,6 +1,7 @@
 package qcow
 
 import (
+	"cmp"
 	"context"
 	"encoding/binary"
 	"fmt"
@@ -117,16 +118,24 @@ func (c *Chain) Verify(ctx context.Context) error {
 	h := l.h
 	cs := h.clusterSize()
 	rc := &refcounts{l: l}
-	counted := func(what string, off int64) error {
+	counted := func(what string, off int64) (uint64, error) {
 		if off < 0 || off > l.f.Size()-1 {
-			return corruptf("%s at %#x is past the end of the file", what, off)
+			return 0, corruptf("%s at %#x is past the end of the file", what, off)
 		}
 		n, err := rc.get(off / cs)
 		if err != nil {
-			return err
+			return 0, err
 		}
 		if n == 0 {
-			return corruptf("%s at %#x has refcount 0", what, off)
+			return 0, corruptf("%s at %#x has refcount 0", what, off)
+		}
+		return n, nil
+	}
+	// copied checks the COPIED flag of an entry naming a cluster of
+	// refcount n: set exactly when n is 1, or qemu-img check reports it.
+	copied := func(what string, off int64, n uint64, flag bool) error {
+		if (n == 1) != flag {
+			return corruptf("%s at %#x has refcount %d but its COPIED flag is %v", what, off, n, flag)
 		}
 		return nil
 	}
@@ -139,7 +148,7 @@ func (c *Chain) Verify(ctx context.Context) error {
 		{"L1 table", int64(h.l1Offset), int64(h.l1Size) * 8},
 		{"refcount table", int64(h.refTableOffset), int64(h.refTableClusters) * cs},
 	} {
-		if err := counted(m.what, m.off); err != nil {
+		if _, err := counted(m.what, m.off); err != nil {
 			return err
 		}
 		if err := claims.claim(m.what, m.off, max(m.size, 1)); err != nil {
@@ -161,7 +170,12 @@ func (c *Chain) Verify(ctx context.Context) error {
 		}
 	}
 	entryBytes := h.l2EntryBytes()
-	var hosts []int64
+	// hostRef is a cluster an L2 entry names, with the entry's flags.
+	type hostRef struct {
+		off                int64
+		copied, compressed bool
+	}
+	var hosts []hostRef
 	for i, e := range l.l1 {
 		if err := ctx.Err(); err != nil {
 			return err
@@ -172,9 +186,19 @@ func (c *Chain) Verify(ctx context.Context) error {
 		}
 		l2Off := e.l2Offset()
 		if l2Off == 0 {
+			// qemu-img check reads a table at offset 0 for a COPIED
+			// flag alone, and finds the header there.
+			if e != 0 {
+				return corruptf("L1 entry %d has flags (%#x) but no L2 table", i, uint64(e))
+			}
 			continue
 		}
-		if err := counted(fmt.Sprintf("L2 table %d", i), l2Off); err != nil {
+		what := fmt.Sprintf("L2 table %d", i)
+		n, err := counted(what, l2Off)
+		if err != nil {
+			return err
+		}
+		if err := copied(what, l2Off, n, uint64(e)&flagCopied != 0); err != nil {
 			return err
 		}
 		// Claimed before it is read: a table named twice is refused
@@ -199,6 +223,11 @@ func (c *Chain) Verify(ctx context.Context) error {
 			case entry.compressed():
 				var size int64
 				host, size = entry.compressedRange(h.clusterBits)
+				// qemu-img check reports a range that ends a cluster or
+				// more past the end of the file.
+				if host+size-l.f.Size() >= cs {
+					return corruptf("compressed data at %#x (%d bytes) runs past the end of the file", host, size)
+				}
 				err = claims.claimCompressed("compressed data", host, size)
 			case l.data != l.f:
 				continue // data lives in another file
@@ -215,18 +244,24 @@ func (c *Chain) Verify(ctx context.Context) error {
 				return err
 			}
 			if host != 0 {
-				hosts = append(hosts, host)
+				hosts = append(hosts, hostRef{off: host, copied: uint64(entry)&flagCopied != 0, compressed: entry.compressed()})
 			}
 		}
-		slices.Sort(hosts)
+		slices.SortFunc(hosts, func(a, b hostRef) int { return cmp.Compare(a.off, b.off) })
 		for k, host := range hosts {
-			if err := counted("data cluster", host); err != nil {
+			n, err := counted("data cluster", host.off)
+			if err != nil {
 				return err
 			}
 			// Compressed data may share clusters, but one stream
 			// named twice is a cluster of data twice.
-			if k > 0 && host == hosts[k-1] {
-				return corruptf("L2 table %d names the data at %#x twice", i, host)
+			if k > 0 && host.off == hosts[k-1].off {
+				return corruptf("L2 table %d names the data at %#x twice", i, host.off)
+			}
+			if !host.compressed {
+				if err := copied("data cluster", host.off, n, host.copied); err != nil {
+					return err
+				}
 			}
 		}
 	}
@@ -237,6 +272,9 @@ func (c *Chain) Verify(ctx context.Context) error {
 // not read: the store keeps a checked file as a layer that qemu then reads.
 func checkL2Entry(h *header, e l2Entry, i, j int64) error {
 	if e.compressed() {
+		if uint64(e)&flagCopied != 0 {
+			return corruptf("L2 entry %d of table %d is compressed with the COPIED flag set", j, i)
+		}
 		return nil
 	}
 	if e.zero() && h.version < 3 {

@@ -117,12 +117,13 @@ func TestVerifyRefusesSharedClusters(t *testing.T) {
 func TestVerifyRefusesEntriesQemuDoesNotRead(t *testing.T) {
 	dir := t.TempDir()
 	img := qemutest.Create(t, "qcow2", filepath.Join(dir, "img.qcow2"), "4M", "-o", "cluster_size=4k")
-	qemutest.IO(t, img, "write -P 1 0 4k", "write -z 4k 4k")
+	qemutest.IO(t, img, "write -P 1 0 4k", "write -z 4k 4k", "write -c -P 2 8k 4k")
 	if err := openChain(t, img).Verify(context.Background()); err != nil {
 		t.Fatalf("the image as qemu wrote it: %v", err)
 	}
 	be := binary.BigEndian
 	l2 := func(data []byte) uint64 { return be.Uint64(data[be.Uint64(data[40:]):]) & 0x00fffffffffffe00 }
+	flip := func(off uint64, data []byte, bit uint64) { be.PutUint64(data[off:], be.Uint64(data[off:])^bit) }
 	for _, c := range []struct {
 		name string
 		poke func(data []byte)
@@ -135,6 +136,15 @@ func TestVerifyRefusesEntriesQemuDoesNotRead(t *testing.T) {
 			l1 := be.Uint64(data[40:])
 			be.PutUint64(data[l1:], be.Uint64(data[l1:])|1<<8)
 		}, "L1 entry 0"},
+		// 4 MiB of 4 KiB clusters: two L1 entries, the second unused.
+		{"L1 entry with the COPIED flag and no table", func(data []byte) { flip(be.Uint64(data[40:])+8, data, 1<<63) }, "L1 entry 1"},
+		{"L2 table counted once without the COPIED flag", func(data []byte) { flip(be.Uint64(data[40:]), data, 1<<63) }, "L2 table 0"},
+		{"data cluster counted once without the COPIED flag", func(data []byte) { flip(l2(data), data, 1<<63) }, "COPIED"},
+		{"compressed cluster with the COPIED flag", func(data []byte) { flip(l2(data)+16, data, 1<<63) }, "L2 entry 2"},
+		// 4 KiB clusters: the sector count is bits 58-61.
+		{"compressed cluster running past the end of the file", func(data []byte) {
+			be.PutUint64(data[l2(data)+16:], be.Uint64(data[l2(data)+16:])|0xf<<58)
+		}, "runs past the end"},
 	} {
 		data, err := os.ReadFile(img)
 		if err != nil {
