@@ -384,3 +384,64 @@ func TestImportCopiesFile(t *testing.T) {
 	}
 	checkNoStrayFiles(t, s)
 }
+
+// TestImportRefusesGarbageCompressed: a qcow2 kept as it is (copied by
+// volume import, taken over from the mount's staging) is refused when a
+// compressed cluster holds garbage, as its conversion would be: qemu, and
+// a VM running off the volume, would fail to read that cluster. Metadata
+// checks alone let it through.
+func TestImportRefusesGarbageCompressed(t *testing.T) {
+	ctx := context.Background()
+	s := openStore(t)
+	dir := t.TempDir()
+	filesBefore := layerFiles(t, s)
+	garbage := func(name string) string {
+		path := qemutest.Create(t, "qcow2", filepath.Join(dir, name), "4M")
+		qemutest.IO(t, path, "write -P 0x41 0 1M", "write -c -P 0x42 2M 64k")
+		data, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The L2 entry of 2M (cluster 32 of the first L2 table): 64 KiB
+		// clusters put the host offset of a compressed cluster in bits
+		// 0-53.
+		be := binary.BigEndian
+		l2 := be.Uint64(data[be.Uint64(data[40:]):]) & 0x00fffffffffffe00
+		entry := be.Uint64(data[l2+32*8:])
+		if entry&(1<<62) == 0 {
+			t.Fatalf("the cluster at 2M is not compressed: %#x", entry)
+		}
+		host := entry & (1<<54 - 1)
+		copy(data[host:], bytes.Repeat([]byte{0xff}, 64))
+		if err := os.WriteFile(path, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := qemutest.Try(t, "qemu-img", "convert", "-O", "raw", path, filepath.Join(dir, "out.raw")); err == nil {
+			t.Fatal("qemu reads the damaged cluster: not a refusal to test")
+		}
+		return path
+	}
+	refused := func(how string, err error) {
+		t.Helper()
+		var ie *ImportError
+		if !errors.As(err, &ie) || !errors.Is(err, qcow.ErrCorrupt) || !strings.Contains(err.Error(), "compressed cluster") {
+			t.Errorf("%s: got %v, want an ImportError for the compressed cluster", how, err)
+		}
+		if _, err := s.Volume(ctx, "new"); !errors.Is(err, ErrNotFound) {
+			t.Errorf("%s: a volume appeared: %v", how, err)
+		}
+		if files := layerFiles(t, s); !equalSets(files, filesBefore) {
+			t.Errorf("%s: files left: %v", how, files)
+		}
+	}
+
+	_, err := importFile(ctx, s, "new", garbage("copied.qcow2"), nil)
+	refused("volume import (copy)", err)
+	img, err := OpenStaged(garbage("staged.qcow2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	_, err = s.ImportVolume(ctx, "new", img, nil)
+	refused("staged (taken over)", err)
+}

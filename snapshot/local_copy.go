@@ -55,7 +55,7 @@ func (s *LocalStore) copyFile(ctx context.Context, img qcow.Image, size int64, p
 		nf.discard()
 		return nil, err
 	}
-	if err := checkKept(nf.path, fi.path, size); err != nil {
+	if err := checkKept(ctx, nf.path, fi.path, size); err != nil {
 		nf.discard()
 		return nil, err
 	}

@@ -159,7 +159,7 @@ func (s *LocalStore) createVolumes(ctx context.Context, spec RestoreSpec, pauseC
 				pauseAt(pauseConverting)
 			}
 		}
-		base, err := s.adoptFile(v.Image, sizes[i])
+		base, err := s.adoptFile(ctx, v.Image, sizes[i])
 		if err != nil {
 			return err
 		}
@@ -262,7 +262,7 @@ func (s *LocalStore) createVolumes(ctx context.Context, spec RestoreSpec, pauseC
 // the path meanwhile. A crash before the rename leaves the file to the
 // caller's sweep (the mount's staging directory), after it to the
 // store's: it is a temp file of layers/ until the commit.
-func (s *LocalStore) adoptFile(img qcow.Image, size int64) (*newFile, error) {
+func (s *LocalStore) adoptFile(ctx context.Context, img qcow.Image, size int64) (*newFile, error) {
 	staged, ok := img.(*StagedImage)
 	if !ok || adoptable(staged.Image, size) != nil {
 		return nil, nil
@@ -299,7 +299,7 @@ func (s *LocalStore) adoptFile(img qcow.Image, size int64) (*newFile, error) {
 		nf.discard()
 		return nil, nil
 	}
-	if err := checkKept(nf.path, staged.path, size); err != nil {
+	if err := checkKept(ctx, nf.path, staged.path, size); err != nil {
 		nf.discard()
 		return nil, err
 	}
@@ -309,8 +309,10 @@ func (s *LocalStore) adoptFile(img qcow.Image, size int64) (*newFile, error) {
 // checkKept runs the checks of OpenUntrusted and adoptable again on the
 // file at path, which the store is about to keep as a layer: a copy or a
 // move of the image file at source, checked before, which may have
-// changed since.
-func checkKept(path, source string, size int64) error {
+// changed since. It also inflates every compressed cluster: a conversion
+// reads all the data and fails on one that holds garbage, and a file kept
+// as it is must not hold what qemu, and a VM, would fail to read.
+func checkKept(ctx context.Context, path, source string, size int64) error {
 	kept, err := openUntrusted(path)
 	if err != nil {
 		return err
@@ -319,7 +321,7 @@ func checkKept(path, source string, size int64) error {
 	if err := adoptable(kept, size); err != nil {
 		return &ImportError{Msg: fmt.Sprintf("import: %s changed while it was imported (%v)", source, err), Err: qcow.ErrCorrupt}
 	}
-	return nil
+	return importRefusal(kept.(*qcow.Chain).CheckCompressed(ctx))
 }
 
 // restoredTime is a recorded creation time, or at when none was.
