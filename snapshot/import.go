@@ -200,7 +200,7 @@ func importRefusal(err error) error {
 	case errors.Is(err, qcow.ErrForeign):
 		msg = fmt.Sprintf("import: only raw and qcow2 images are taken (%v); convert it first (%s)", err, flattenHint)
 	case errors.Is(err, qcow.ErrCorrupt):
-		msg = fmt.Sprintf("import: image is damaged or truncated (%v); check it with qemu-img check", err)
+		msg = fmt.Sprintf("import: image is damaged or truncated (%v); qemu-img check shows what, and qemu-img check -r all repairs what it can, on a copy", err)
 	case errors.Is(err, qcow.ErrLimit), errors.Is(err, qcow.ErrChain):
 		msg = fmt.Sprintf("import: image refused (%v)", err)
 	case errors.Is(err, qcow.ErrUnsupported):
