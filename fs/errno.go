@@ -52,7 +52,7 @@ var errnoOf = []struct {
 // A backend that did not answer in time (a Ceph cluster down: rbdio's
 // errors wrap syscall.ETIMEDOUT) gives ETIMEDOUT, whatever else the error
 // wraps: the caller learns that trying again later may work, which EIO
-// would not say.
+// would not say. One that refused (EPERM, EACCES) gives that errno.
 func toErrno(err error) (errno syscall.Errno, unknown bool) {
 	if err == nil {
 		return 0, false
@@ -62,6 +62,16 @@ func toErrno(err error) (errno syscall.Errno, unknown bool) {
 	}
 	if errors.Is(err, syscall.ETIMEDOUT) {
 		return syscall.ETIMEDOUT, true
+	}
+	// A backend that refuses this client (a Ceph key whose caps do not
+	// allow the operation, as rbd says: "Operation not permitted") gives
+	// that errno, not EIO, which would say the data is broken; logged
+	// (unless it is the bare errno this package returns), because the log
+	// says which operation on which image.
+	for _, e := range []syscall.Errno{syscall.EPERM, syscall.EACCES} {
+		if errors.Is(err, e) {
+			return e, err != error(e)
+		}
 	}
 	for _, m := range errnoOf {
 		if errors.Is(err, m.err) {

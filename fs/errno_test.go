@@ -44,6 +44,11 @@ func TestToErrno(t *testing.T) {
 		// sentinel of its own): ETIMEDOUT, logged.
 		{fmt.Errorf("rbd read rbd/vm@s at 0: %w", errors.Join(errors.New("rbdio: timed out"), syscall.ETIMEDOUT)), syscall.ETIMEDOUT, true},
 		{fmt.Errorf("%w: volume x: %w", snapshot.ErrNotFound, syscall.ETIMEDOUT), syscall.ETIMEDOUT, true},
+		// A backend that refuses the client (a Ceph key without the caps):
+		// that errno, logged, never EIO.
+		{fmt.Errorf("rbd open p1/vm: %w", errors.Join(errors.New("rbd: ret=-1"), syscall.EPERM)), syscall.EPERM, true},
+		{&os.PathError{Op: "open", Path: "/store/layers/x", Err: syscall.EACCES}, syscall.EACCES, true},
+		{syscall.EPERM, syscall.EPERM, false},
 	}
 	for _, tt := range tests {
 		got, unknown := toErrno(tt.err)
