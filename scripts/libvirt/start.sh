@@ -127,6 +127,15 @@ t0=$(date +%s%N)
 setsid unshare --mount --propagation private /bin/sh -c '
 	set -e
 	d=$1
+	# The namespace starts with a copy of every mount of the host. A copy
+	# of a FUSE mount (a snapfs mount of a test running meanwhile) would
+	# keep its connection alive after the host unmounts it, and its
+	# daemon would wait for this libvirtd to stop: detach them, qemu
+	# needs none (fuse, fuse.NAME, fuseblk; not fusectl). mountinfo
+	# escapes a space in a mount point as \040, a backslash as \134.
+	awk '\''{ for (i = 7; i <= NF; i++) if ($i == "-") { if ($(i + 1) ~ /^fuse(blk)?([.]|$)/) print $5; break } }'\'' /proc/self/mountinfo |
+		sed -e "s/\\\\040/ /g" -e "s/\\\\134/\\\\/g" |
+		while IFS= read -r m; do umount -l "$m" 2>/dev/null || true; done
 	mount --bind "$d/passwd" /etc/passwd
 	mount --bind "$d/group" /etc/group
 	mount --bind "$d/etc" /etc/libvirt
