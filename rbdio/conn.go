@@ -56,6 +56,13 @@ type Cluster struct {
 	// openImages counts the images opened and not yet closed: Close
 	// refuses while there are any.
 	openImages atomic.Int64
+
+	// resweep runs sweepAgain when Open left images of imports and
+	// deletes that a client still watched; nil otherwise.
+	resweep *time.Timer
+	// sweeping is held by sweepAgain, and by Close, so that Close never
+	// destroys the I/O contexts under a sweep.
+	sweeping sync.Mutex
 }
 
 // Open connects to the cluster and opens every pool of cfg, each as a
@@ -108,10 +115,46 @@ func Open(cfg Config) (*Cluster, error) {
 		p := &Pool{cluster: c, name: name, ioctx: ioctx}
 		c.pools = append(c.pools, p)
 	}
+	watched := false
+	for _, p := range c.pools {
+		watched = p.sweep() || watched
+	}
+	if watched {
+		// Leftovers a client still watches: a live one's (another mount
+		// importing), or those of one that died (kill -9, a crash) and was
+		// restarted at once, whose watch the OSDs keep for a while. Look
+		// again once that has expired.
+		c.resweep = time.AfterFunc(c.watchExpiry()*3/2, c.sweepAgain)
+	}
+	return c, nil
+}
+
+// watchExpiry is how long the OSDs keep the watch of a client that died:
+// osd_client_watch_timeout (30 s by default) as ceph.conf and the
+// monitors give it to this client.
+func (c *Cluster) watchExpiry() time.Duration {
+	s, err := c.conn.GetConfigOption("osd_client_watch_timeout")
+	if err != nil {
+		return 30 * time.Second
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n <= 0 {
+		return 30 * time.Second
+	}
+	return time.Duration(n) * time.Second
+}
+
+// sweepAgain sweeps every pool again, once (see Open), unless the cluster
+// is closed meanwhile.
+func (c *Cluster) sweepAgain() {
+	c.sweeping.Lock()
+	defer c.sweeping.Unlock()
+	if c.closed.Load() {
+		return
+	}
 	for _, p := range c.pools {
 		p.sweep()
 	}
-	return c, nil
 }
 
 // configure reads the configuration and sets the timeouts, which win over
@@ -205,6 +248,8 @@ var errClosedCluster = fmt.Errorf("rbdio: %w: the cluster connection is closed",
 // images opened from the pools are open. No call of the pools may run
 // during Close; calls after it fail.
 func (c *Cluster) Close() error {
+	c.sweeping.Lock()
+	defer c.sweeping.Unlock()
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed.Load() {
@@ -214,6 +259,9 @@ func (c *Cluster) Close() error {
 		return fmt.Errorf("%w: images of the cluster still open: %d; close them first", snapshot.ErrBusy, n)
 	}
 	c.closed.Store(true)
+	if c.resweep != nil {
+		c.resweep.Stop()
+	}
 	c.closeHandles()
 	for _, io := range c.ioctxs {
 		io.Destroy()

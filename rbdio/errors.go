@@ -92,6 +92,13 @@ func wrap(op string, err error) error {
 	return e
 }
 
+// denied says whether err is the cluster refusing this client (its caps
+// do not allow the operation): EPERM from librados and librbd, or EACCES.
+func denied(err error) bool {
+	return errors.Is(err, syscall.EPERM) || errors.Is(err, syscall.EACCES) ||
+		errnoOf(err) == syscall.EPERM || errnoOf(err) == syscall.EACCES
+}
+
 // errnoOf returns the errno of an error from go-ceph (0 if it has none).
 func errnoOf(err error) syscall.Errno {
 	var ce codeError

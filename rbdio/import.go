@@ -61,6 +61,8 @@ func (p *Pool) ImportVolume(ctx context.Context, name string, src qcow.Image, me
 		return snapshot.Volume{}, err
 	}
 	tmp := tempName(tempPrefix)
+	p.importing.Store(tmp, struct{}{})
+	defer p.importing.Delete(tmp)
 	if err := p.create(tmp, roundToSector(src.Size())); err != nil {
 		return snapshot.Volume{}, err
 	}

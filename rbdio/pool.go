@@ -34,6 +34,11 @@ type Pool struct {
 	useMu  sync.Mutex             // protects users, doomed (snapuse.go)
 	users  map[snapUse]int        // images of this process open at a snapshot
 	doomed map[snapUse]hiddenSnap // snapshots deleted while open here
+
+	// importing holds the temp images of this process's imports (keys:
+	// names), which the sweep leaves alone: between its creation and its
+	// open, nobody watches one yet.
+	importing sync.Map
 }
 
 // volumeLock serialises the mutations of one volume in this process.
@@ -205,6 +210,12 @@ func (p *Pool) ListVolumes(ctx context.Context) ([]snapshot.Volume, error) {
 		v, err := p.Volume(ctx, name)
 		if errors.Is(err, snapshot.ErrNotFound) {
 			continue // removed since the listing
+		}
+		if denied(err) {
+			// A clone whose parent is in a pool this client may not
+			// read: librbd cannot open it. As rbd ls -l, list the
+			// others; a lookup of this one says why it fails.
+			continue
 		}
 		if err != nil {
 			return nil, err
@@ -586,14 +597,17 @@ func (p *Pool) checkUnused(img *rbd.Image, name string) error {
 // sweep removes the images of imports and deletes that died (kill -9, a
 // crash): a temp or doomed image that no client watches has no owner left.
 // Best effort: an image it cannot check or remove is left for the next
-// time.
-func (p *Pool) sweep() {
-	names, err := rbd.GetImageNames(p.ioctx) // from Open: not closed
+// time. It says whether it left one because a client watched it.
+func (p *Pool) sweep() (watched bool) {
+	names, err := rbd.GetImageNames(p.ioctx) // from Open or sweepAgain: not closed
 	if err != nil {
-		return
+		return false
 	}
 	for _, name := range names {
 		if !strings.HasPrefix(name, tempPrefix) && !strings.HasPrefix(name, deletingPrefix) {
+			continue
+		}
+		if _, ours := p.importing.Load(name); ours {
 			continue
 		}
 		img, err := p.openImage(name, "", false)
@@ -604,6 +618,9 @@ func (p *Pool) sweep() {
 		img.Close()
 		if err == nil && len(ws) == 0 {
 			p.destroy(name)
+		} else if err == nil {
+			watched = true
 		}
 	}
+	return watched
 }

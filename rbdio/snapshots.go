@@ -85,6 +85,13 @@ func (p *Pool) snapshots(img *rbd.Image, volume string) ([]snapshot.Snapshot, er
 // clonesOf returns the volumes cloned from snapshot s of img (volume),
 // sorted, as Snapshot.Clones names them (POOL/IMAGE in another pool), or
 // nil. It leaves img at its head.
+//
+// librbd looks for format-1 clones in every pool of the cluster, and for
+// clones it must open in their pools: a client whose caps name only some
+// pools (osd 'profile rbd pool=P', the usual restricted client) is refused
+// there. The clones are then not named (nil), so that such a client still
+// lists and reads its snapshots; a snapshot delete checks again
+// (checkNoClones), and fails rather than orphan a clone it cannot see.
 func (p *Pool) clonesOf(img *rbd.Image, volume string, s rbd.SnapInfo) ([]string, error) {
 	if err := img.SetSnapByID(s.Id); err != nil {
 		return nil, wrap("snap set "+p.spec(volume)+"@"+s.Name, err)
@@ -92,6 +99,9 @@ func (p *Pool) clonesOf(img *rbd.Image, volume string, s rbd.SnapInfo) ([]string
 	children, err := img.ListChildrenAttributes()
 	img.SetSnapByID(noSnap)
 	if err != nil {
+		if denied(err) {
+			return nil, nil
+		}
 		return nil, wrap("children "+p.spec(volume)+"@"+s.Name, err)
 	}
 	var names []string
@@ -331,6 +341,10 @@ func (p *Pool) checkNoClones(img *rbd.Image, volume string, s rbd.SnapInfo) erro
 	}
 	children, err := img.ListChildrenAttributes()
 	img.SetSnapByID(noSnap)
+	if denied(err) {
+		return fmt.Errorf("%w: snapshot %q of volume %q: this client may not look for its clones, which needs read access to every pool of the cluster (rbd children)",
+			wrap("children "+p.spec(volume)+"@"+s.Name, err), s.Name, volume)
+	}
 	if err != nil {
 		return wrap("children "+p.spec(volume)+"@"+s.Name, err)
 	}
