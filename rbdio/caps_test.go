@@ -44,6 +44,14 @@ func TestRestrictedClient(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { cl.Close() })
+		// A pool the key may not read fails the open, saying so.
+		other, err := Open(Config{CephConf: cephConf, ID: id, Keyring: keyring, Pools: []string{own, testPool}, Timeout: 30 * time.Second})
+		if err == nil {
+			other.Close()
+		}
+		if !errors.Is(err, ErrConfig) || !strings.Contains(err.Error(), "may not list the images of pool") {
+			t.Errorf("open with a pool the key may not read: %v, want ErrConfig saying so", err)
+		}
 		return cl.Pools()[0]
 	}
 

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/ceph/go-ceph/rados"
+	"github.com/ceph/go-ceph/rbd"
 
 	"snapfs/snapshot"
 )
@@ -36,6 +37,9 @@ type Config struct {
 	// Timeout bounds each request to the monitors and the OSDs, and the
 	// connection itself (DefaultTimeout if 0).
 	Timeout time.Duration
+	// ReadOnly is for a client that changes nothing (a --read-only
+	// mount): Open does not sweep what dead clients left in the pools.
+	ReadOnly bool
 }
 
 // Cluster is a connection to a Ceph cluster and the pools opened on it.
@@ -114,6 +118,18 @@ func Open(cfg Config) (*Cluster, error) {
 		}
 		p := &Pool{cluster: c, name: name, ioctx: ioctx}
 		c.pools = append(c.pools, p)
+		// A pool the key may not read fails here, with the fix, rather
+		// than at the first ls of the mount.
+		if _, err := rbd.GetImageNames(ioctx); err != nil {
+			c.Close()
+			if denied(err) {
+				return nil, fmt.Errorf("%w: client.%s may not list the images of pool %q (see its caps: ceph auth get client.%s): %w", ErrConfig, cfg.ID, name, cfg.ID, wrap("ls "+name, err))
+			}
+			return nil, wrap("ls "+name, err)
+		}
+	}
+	if cfg.ReadOnly {
+		return c, nil
 	}
 	watched := false
 	for _, p := range c.pools {

@@ -362,6 +362,15 @@ func TestDeleteVolumeCutShort(t *testing.T) {
 			t.Errorf("ListVolumes shows %s during its delete", v.Name)
 		}
 	}
+	// A read-only client changes nothing: it leaves the delete as it is.
+	ro, err := Open(Config{CephConf: cephConf, Pools: []string{testPool}, ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ro.Close()
+	if d := doomedImages(t); !slices.Equal(d, []string{doomed}) {
+		t.Errorf("after a read-only Open: %v, want %s left as it was", d, doomed)
+	}
 	c2, err := Open(Config{CephConf: cephConf, Pools: []string{testPool}})
 	if err != nil {
 		t.Fatal(err)

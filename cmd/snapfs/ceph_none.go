@@ -14,6 +14,6 @@ const cephBuilt = false
 
 // openCeph refuses: the flags exist in every build, so that --help is the
 // same everywhere and the error says how to get Ceph support.
-func openCeph(c *cephFlags) ([]fs.Pool, func() error, error) {
+func openCeph(c *cephFlags, readOnly bool) ([]fs.Pool, func() error, error) {
 	return nil, nil, errors.New("this snapfs was built without Ceph support: rebuild it with CGO_ENABLED=1 go build -tags ceph,pacific ./cmd/snapfs (Ceph 16; see the rbdio package for other releases)")
 }

@@ -121,7 +121,7 @@ func runMount(cmd *cobra.Command, args []string) error {
 	}
 	if mountFlags.ceph.enabled() {
 		var closeCeph func() error
-		pools, closeCeph, err = openCeph(&mountFlags.ceph)
+		pools, closeCeph, err = openCeph(&mountFlags.ceph, mountFlags.readOnly)
 		if err != nil {
 			return err
 		}

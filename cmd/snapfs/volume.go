@@ -252,7 +252,7 @@ func flattenInPool(cmd *cobra.Command, name string) error {
 	if storeFlags.dir != "" {
 		return usageError{errors.New("give --store or --pool, not both")}
 	}
-	pools, closeCeph, err := openCeph(&flattenCeph)
+	pools, closeCeph, err := openCeph(&flattenCeph, false)
 	if err != nil {
 		return err
 	}
