@@ -232,15 +232,25 @@ func openFile(path string) (*osFile, os.FileInfo, error) {
 // notAnImageFile names the kind of file of mode if it cannot hold an
 // image, and returns "" for a regular file or a block device.
 func notAnImageFile(mode os.FileMode) string {
+	if mode.IsRegular() || mode&os.ModeDevice != 0 && mode&os.ModeCharDevice == 0 {
+		return ""
+	}
+	return FileKind(mode)
+}
+
+// FileKind names the type of file of mode, for messages: "a directory",
+// "a block device", "a character device", "a named pipe", "a socket", "a
+// special file", or "a regular file".
+func FileKind(mode os.FileMode) string {
 	switch {
 	case mode.IsRegular():
-		return ""
+		return "a regular file"
 	case mode.IsDir():
 		return "a directory"
 	case mode&os.ModeCharDevice != 0:
 		return "a character device"
 	case mode&os.ModeDevice != 0:
-		return ""
+		return "a block device"
 	case mode&os.ModeNamedPipe != 0:
 		return "a named pipe"
 	case mode&os.ModeSocket != 0:

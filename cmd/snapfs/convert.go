@@ -143,7 +143,7 @@ func outputMode(dst string) (os.FileMode, error) {
 	case err != nil:
 		return 0, inFile(dst, err)
 	case !st.Mode().IsRegular():
-		return 0, inFile(dst, fmt.Errorf("exists and is not a regular file but %s; refusing to replace it", fileKind(st.Mode())))
+		return 0, inFile(dst, fmt.Errorf("exists and is not a regular file but %s; refusing to replace it", qcow.FileKind(st.Mode())))
 	}
 	return st.Mode().Perm(), nil
 }
@@ -231,19 +231,4 @@ func osCause(err error) error {
 		return le.Err
 	}
 	return err
-}
-
-// fileKind names the type of a file that is not a regular one.
-func fileKind(mode os.FileMode) string {
-	switch {
-	case mode.IsDir():
-		return "a directory"
-	case mode&os.ModeDevice != 0:
-		return "a device"
-	case mode&os.ModeNamedPipe != 0:
-		return "a named pipe"
-	case mode&os.ModeSocket != 0:
-		return "a socket"
-	}
-	return "a special file"
 }

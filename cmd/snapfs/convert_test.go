@@ -194,7 +194,7 @@ func TestConvertErrors(t *testing.T) {
 		{"missing base", []string{"-O", "qcow2", "-B", "nobase.qcow2", good}, filepath.Join(dir, "o5.qcow2"), []string{"nobase.qcow2", "no such file"}},
 		{"no such output directory", []string{good}, notDir, []string{notDir, "no such file"}},
 		{"output is a directory", []string{good}, subdir, []string{subdir, "not a regular file but a directory"}},
-		{"output is a device", []string{good}, "/dev/null", []string{"/dev/null", "not a regular file but a device"}},
+		{"output is a device", []string{good}, "/dev/null", []string{"/dev/null", "not a regular file but a character device"}},
 		{"output is the source", []string{good}, good, []string{good, "input"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
