@@ -160,26 +160,31 @@ func TestMountSignals(t *testing.T) {
 	}
 }
 
-// TestMountBusy: Ctrl-C while a file is open says so and keeps serving; a
-// second one detaches the mount, and snapfs exits when the file is closed.
-func TestMountBusy(t *testing.T) {
-	store, dir := t.TempDir(), filepath.Join(t.TempDir(), "mnt")
-	p := startMount(t, store, dir)
-	f, err := os.Open(filepath.Join(dir, "volumes"))
+// busyMount mounts a store, opens its volumes/ directory, and sends the
+// mount a Ctrl-C, which finds it busy: the mount says so and stays.
+func busyMount(t *testing.T) (p *mountProc, dir string, open *os.File) {
+	t.Helper()
+	dir = filepath.Join(t.TempDir(), "mnt")
+	p = startMount(t, t.TempDir(), dir)
+	open, err := os.Open(filepath.Join(dir, "volumes"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	p.cmd.Process.Signal(syscall.SIGINT)
-	deadline := time.Now().Add(10 * time.Second)
-	for !strings.Contains(p.output(), "is busy") {
-		if time.Now().After(deadline) {
-			t.Fatalf("no busy message: %s", p.output())
-		}
-		time.Sleep(10 * time.Millisecond)
+	if !p.waitOutput("is busy") {
+		t.Fatalf("no busy message: %s", p.output())
 	}
 	if !isMounted(dir) {
 		t.Fatal("unmounted while busy")
 	}
+	return p, dir, open
+}
+
+// TestMountBusy: Ctrl-C while a file is open says so and keeps serving; a
+// second one detaches the mount, and snapfs exits when the file is closed.
+func TestMountBusy(t *testing.T) {
+	p, dir, f := busyMount(t)
+	deadline := time.Now().Add(10 * time.Second)
 	if _, err := f.Readdirnames(-1); err != nil {
 		t.Fatalf("the open directory stopped working: %v", err)
 	}
@@ -205,19 +210,7 @@ func TestMountBusy(t *testing.T) {
 // closing it is then enough: snapfs unmounts and exits without a second
 // Ctrl-C.
 func TestMountBusyThenClosed(t *testing.T) {
-	store, dir := t.TempDir(), filepath.Join(t.TempDir(), "mnt")
-	p := startMount(t, store, dir)
-	f, err := os.Open(filepath.Join(dir, "volumes"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	p.cmd.Process.Signal(syscall.SIGINT)
-	if !p.waitOutput("is busy") {
-		t.Fatalf("no busy message: %s", p.output())
-	}
-	if !isMounted(dir) {
-		t.Fatal("unmounted while busy")
-	}
+	p, dir, f := busyMount(t)
 	f.Close()
 	if err := p.waitExit(t); err != nil {
 		t.Fatalf("exit: %v: %s", err, p.output())
