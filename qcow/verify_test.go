@@ -95,19 +95,33 @@ func TestVerifyRefusesSharedClusters(t *testing.T) {
 			be.PutUint64(data[l2+8:], be.Uint64(data[l2:]))
 		}, "twice"},
 	} {
-		data, err := os.ReadFile(c.from)
-		if err != nil {
-			t.Fatal(err)
-		}
-		c.poke(data)
-		bad := filepath.Join(dir, "bad.qcow2")
-		if err := os.WriteFile(bad, data, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		err = openChain(t, bad).Verify(context.Background())
-		if !errors.Is(err, qcow.ErrCorrupt) || !strings.Contains(err.Error(), c.says) {
-			t.Errorf("%s: got %v, want ErrCorrupt naming %q", c.name, err, c.says)
-		}
+		verifyRefuses(t, c.name, poked(t, c.from, dir, c.poke), c.says)
+	}
+}
+
+// poked writes a copy of the image at from, changed by poke, into dir, and
+// returns its path.
+func poked(t *testing.T, from, dir string, poke func(data []byte)) string {
+	t.Helper()
+	data, err := os.ReadFile(from)
+	if err != nil {
+		t.Fatal(err)
+	}
+	poke(data)
+	bad := filepath.Join(dir, "bad.qcow2")
+	if err := os.WriteFile(bad, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return bad
+}
+
+// verifyRefuses checks that Verify refuses the image at path as corrupt,
+// with a message that says what.
+func verifyRefuses(t *testing.T, name, path, says string) {
+	t.Helper()
+	err := openChain(t, path).Verify(context.Background())
+	if !errors.Is(err, qcow.ErrCorrupt) || !strings.Contains(err.Error(), says) {
+		t.Errorf("%s: got %v, want ErrCorrupt naming %q", name, err, says)
 	}
 }
 
@@ -146,23 +160,12 @@ func TestVerifyRefusesEntriesQemuDoesNotRead(t *testing.T) {
 			be.PutUint64(data[l2(data)+16:], be.Uint64(data[l2(data)+16:])|0xf<<58)
 		}, "runs past the end"},
 	} {
-		data, err := os.ReadFile(img)
-		if err != nil {
-			t.Fatal(err)
-		}
-		c.poke(data)
-		bad := filepath.Join(dir, "bad.qcow2")
-		if err := os.WriteFile(bad, data, 0o600); err != nil {
-			t.Fatal(err)
-		}
+		bad := poked(t, img, dir, c.poke)
 		if out, err := qemutest.Try(t, "qemu-img", "check", bad); err == nil {
 			if _, err := qemutest.Try(t, "qemu-img", "convert", "-O", "raw", bad, filepath.Join(dir, "bad.raw")); err == nil {
 				t.Fatalf("%s: qemu checks and reads it (%s): not a refusal to test", c.name, out)
 			}
 		}
-		err = openChain(t, bad).Verify(context.Background())
-		if !errors.Is(err, qcow.ErrCorrupt) || !strings.Contains(err.Error(), c.says) {
-			t.Errorf("%s: got %v, want ErrCorrupt naming %q", c.name, err, c.says)
-		}
+		verifyRefuses(t, c.name, bad, c.says)
 	}
 }
