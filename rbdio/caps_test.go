@@ -28,10 +28,7 @@ import (
 // and says why when the client cannot see them all.
 func TestRestrictedClient(t *testing.T) {
 	c := ctx(t)
-	own := uniqueName(t, "snapfs-own")
-	cli(t, "ceph", "osd", "pool", "create", own, "8", "8")
-	t.Cleanup(func() { cli(t, "ceph", "osd", "pool", "rm", own, own, "--yes-i-really-really-mean-it") })
-	cli(t, "rbd", "pool", "init", own)
+	own := tempPool(t, "snapfs-own")
 	// client opens the pool own as a client whose osd caps are caps.
 	client := func(t *testing.T, caps string) *Pool {
 		t.Helper()

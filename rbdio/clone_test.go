@@ -323,10 +323,7 @@ func TestRevert(t *testing.T) {
 
 func TestCloneAcrossPools(t *testing.T) {
 	c := ctx(t)
-	other := uniqueName(t, "snapfs-pool")
-	cli(t, "ceph", "osd", "pool", "create", other, "8", "8")
-	t.Cleanup(func() { cli(t, "ceph", "osd", "pool", "rm", other, other, "--yes-i-really-really-mean-it") })
-	cli(t, "rbd", "pool", "init", other)
+	other := tempPool(t, "snapfs-pool")
 	cl, err := Open(Config{CephConf: cephConf, Pools: []string{testPool, other}})
 	if err != nil {
 		t.Fatal(err)
@@ -420,10 +417,7 @@ func TestDeleteVolumeWithSnapshots(t *testing.T) {
 func TestCloneFailureUnprotects(t *testing.T) {
 	c := ctx(t)
 	cli(t, "ceph", "osd", "set-require-min-compat-client", "luminous")
-	other := uniqueName(t, "snapfs-ro")
-	cli(t, "ceph", "osd", "pool", "create", other, "8", "8")
-	t.Cleanup(func() { cli(t, "ceph", "osd", "pool", "rm", other, other, "--yes-i-really-really-mean-it") })
-	cli(t, "rbd", "pool", "init", other)
+	other := tempPool(t, "snapfs-ro")
 	id := uniqueName(t, "reader")
 	keyring := filepath.Join(t.TempDir(), "keyring")
 	cli(t, "ceph", "auth", "get-or-create", "client."+id, "mon", "profile rbd",

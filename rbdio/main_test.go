@@ -211,3 +211,14 @@ func ctx(t *testing.T) context.Context {
 	t.Cleanup(cancel)
 	return c
 }
+
+// tempPool creates an RBD pool named after prefix, removed when the test
+// ends, and returns its name.
+func tempPool(t *testing.T, prefix string) string {
+	t.Helper()
+	name := uniqueName(t, prefix)
+	cli(t, "ceph", "osd", "pool", "create", name, "8", "8")
+	t.Cleanup(func() { cli(t, "ceph", "osd", "pool", "rm", name, name, "--yes-i-really-really-mean-it") })
+	cli(t, "rbd", "pool", "init", name)
+	return name
+}

@@ -217,10 +217,7 @@ func diagnoseRecovery(t *testing.T, p *Pool, name string, off int64) bool {
 // ErrTimeout; the error of an import says the pool is full, as the
 // cluster's health does, rather than read as a dead cluster.
 func TestFullPoolSaysSo(t *testing.T) {
-	full := uniqueName(t, "snapfs-full")
-	cli(t, "ceph", "osd", "pool", "create", full, "8", "8")
-	t.Cleanup(func() { cli(t, "ceph", "osd", "pool", "rm", full, full, "--yes-i-really-really-mean-it") })
-	cli(t, "rbd", "pool", "init", full)
+	full := tempPool(t, "snapfs-full")
 	cli(t, "ceph", "osd", "pool", "set-quota", full, "max_bytes", strconv.Itoa(4<<20))
 	filler := filepath.Join(t.TempDir(), "filler")
 	if err := os.WriteFile(filler, randomBytes(8<<20), 0o600); err != nil {
