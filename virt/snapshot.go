@@ -182,7 +182,7 @@ func (p *Provider) snapshot(ctx context.Context, domain, name string, opts Snaps
 		testHookFrozen()
 	}
 	tTake := time.Now()
-	takeErr := p.take(ctx, dom, name, plan, skipped, rec.Memory, live, f != nil)
+	takeErr := p.take(ctx, dom, name, plan, skipped, rec.Memory, running, f != nil)
 	tTaken := time.Now()
 	var thawErr error
 	if f != nil {
@@ -254,9 +254,12 @@ func (p *Provider) snapshot(ctx context.Context, domain, name string, opts Snaps
 		held.record = name
 		held.mu.Unlock()
 	}
-	if requireQuiesce && rec.Consistency != snapshot.Quiesced {
+	if requireQuiesce && f != nil && rec.Consistency != snapshot.Quiesced {
 		// Refused after the fact: the freeze did not hold (the agent
-		// died, the window ran out). Take the snapshot back out.
+		// died, the window ran out). Take the snapshot back out. A
+		// paused or shut-off domain was never to be frozen (nothing
+		// writes): its snapshot stands, as the check before the take
+		// allows.
 		derr := p.deleteLocked(ctx, dom, uuid, domain, name)
 		return Record{}, errors.Join(fmt.Errorf("instance %q: no quiesced snapshot: %w", domain, &agentError{errors.New(rec.Why)}), derr)
 	}
@@ -305,11 +308,13 @@ func (p *Provider) plan(info *domainInfo, memory bool) (plan []plannedDisk, skip
 // take snapshots the planned disks: the file disks in one libvirt
 // transaction, the RBD disks through their backends. When the disks cannot
 // be taken in one transaction (RBD disks, or RBD and file disks) and the
-// guest is not frozen, a live domain is paused meanwhile, so that the
-// snapshot is still crash-consistent. On error, the RBD snapshots already
-// made are deleted.
+// guest is not frozen, a running domain is paused meanwhile, so that the
+// snapshot is still crash-consistent. A domain paused already stays as its
+// owner left it: suspending it again would succeed, and the resume after
+// the snapshot would start it. On error, the RBD snapshots already made
+// are deleted.
 func (p *Provider) take(ctx context.Context, dom *libvirt.Domain, name string, plan []plannedDisk, skipped []string,
-	memFile string, live, frozen bool) (err error) {
+	memFile string, running, frozen bool) (err error) {
 	overlays := map[string]string{}
 	var rbd []plannedDisk
 	for _, d := range plan {
@@ -323,7 +328,7 @@ func (p *Provider) take(ctx context.Context, dom *libvirt.Domain, name string, p
 	if len(overlays) > 0 {
 		groups++
 	}
-	if live && !frozen && groups > 1 {
+	if running && !frozen && groups > 1 {
 		if err := dom.Suspend(); err != nil {
 			return wrap(err, "pause for a crash-consistent snapshot")
 		}

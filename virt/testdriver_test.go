@@ -6,6 +6,8 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -202,6 +204,72 @@ func TestRBDDisksThroughPoolBackend(t *testing.T) {
 		t.Errorf("data@s1 after the delete: %v", err)
 	}
 	if names := recordNames(t, p, "rbdvm"); len(names) != 1 || names[0] != "s2" {
+		t.Errorf("records %v", names)
+	}
+}
+
+// TestRequireQuiesceStoppedDomain: RequireQuiesce refuses only a running
+// domain that cannot be frozen (as Nova's os_require_quiesce). A paused
+// or shut-off domain has nothing writing to its disks and needs no agent:
+// its snapshot is taken, crash-consistent, and kept, and the domain is
+// left in the state it was in.
+func TestRequireQuiesceStoppedDomain(t *testing.T) {
+	node := filepath.Join(t.TempDir(), "node.xml")
+	if err := os.WriteFile(node, []byte(rbdNode), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	store, err := snapshot.OpenLocal(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	ctx := testCtx(t)
+	for _, v := range []string{"root", "data"} {
+		if _, err := store.CreateVolume(ctx, v, 1<<20); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p := testDriver(t, Config{RequireQuiesce: true, Pools: func(pool string) (snapshot.Backend, bool) {
+		return store, pool == "pool1"
+	}}, "test://"+node)
+	dom, _, err := p.lookup("rbdvm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dom.Free()
+	for _, c := range []struct {
+		name  string
+		state func() error
+		why   string
+	}{
+		{"paused", dom.Suspend, "paused"},
+		{"shutoff", dom.Destroy, ""},
+	} {
+		if err := c.state(); err != nil {
+			t.Fatal(err)
+		}
+		before, _, err := dom.GetState()
+		if err != nil {
+			t.Fatal(err)
+		}
+		rec, err := p.SnapshotDisks(ctx, "rbdvm", c.name, SnapshotOptions{})
+		if err != nil {
+			t.Fatalf("%s domain with RequireQuiesce: %v", c.name, err)
+		}
+		// Its two RBD disks are taken one by one: a running domain
+		// would be paused for them and resumed, one paused already
+		// must stay paused.
+		if after, _, err := dom.GetState(); err != nil || after != before {
+			t.Errorf("%s: the snapshot changed the domain's state from %s to %s (%v)", c.name, stateName(before), stateName(after), err)
+		}
+		if rec.Consistency != snapshot.CrashConsistent || !strings.Contains(rec.Why, c.why) {
+			t.Errorf("%s: %s (%s), want crash-consistent", c.name, rec.Consistency, rec.Why)
+		}
+		if _, err := store.Snapshot(ctx, "data", c.name); err != nil {
+			t.Errorf("%s: the pool has no snapshot data@%s: %v", c.name, c.name, err)
+		}
+	}
+	if names := recordNames(t, p, "rbdvm"); !slices.Equal(names, []string{"paused", "shutoff"}) {
 		t.Errorf("records %v", names)
 	}
 }
