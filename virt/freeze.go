@@ -184,7 +184,11 @@ func (f *frozen) thawRetry(ctx context.Context, retry bool) error {
 // the thaw worked, there is nothing left to thaw (the domain stopped), or
 // the domain has no agent at all.
 func (f *frozen) thawOnce() (final bool, err error) {
-	dom, err := f.p.conn.LookupDomainByUUIDString(f.uuid)
+	conn, err := f.p.connection()
+	if err != nil {
+		return false, err
+	}
+	dom, err := conn.LookupDomainByUUIDString(f.uuid)
 	if isCode(err, libvirt.ERR_NO_DOMAIN) {
 		f.done() // gone: nothing is frozen
 		return true, nil

@@ -98,7 +98,8 @@ type ExternalHeads interface {
 // libvirt connection are the instances. It is safe for concurrent use.
 type Provider struct {
 	cfg     Config
-	conn    *libvirt.Connect
+	connMu  sync.Mutex       // protects conn
+	conn    *libvirt.Connect // use connection(), which replaces a dead one
 	records recordStore
 
 	locksMu sync.Mutex // protects locks
@@ -165,8 +166,54 @@ func (p *Provider) Close() error {
 	}
 	close(p.closed)
 	p.bg.Wait()
+	p.connMu.Lock()
+	defer p.connMu.Unlock()
 	_, err := p.conn.Close()
 	return err
+}
+
+// connection returns the libvirt connection, connected again if libvirtd
+// closed it: a restarted daemon (an upgrade, a crash) closes the sockets
+// of its clients, and every later call on the old connection fails ("client
+// socket is closed") until the mount is restarted. IsAlive asks the client
+// side only: no round trip to the daemon. The error wraps ErrUnavailable
+// while libvirt cannot be reached.
+func (p *Provider) connection() (*libvirt.Connect, error) {
+	p.connMu.Lock()
+	defer p.connMu.Unlock()
+	if alive, err := p.conn.IsAlive(); err == nil && alive {
+		return p.conn, nil
+	}
+	conn, err := libvirt.NewConnect(p.cfg.URI)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %s: %w", ErrUnavailable, p.cfg.URI, err)
+	}
+	// Domains looked up on the old connection hold their own references
+	// to it: closing ours frees it once they are freed.
+	p.conn.Close()
+	p.conn = conn
+	p.cfg.Logf("virt: %s: connected again", p.cfg.URI)
+	return conn, nil
+}
+
+// onConnection runs a call that only reads (it may run twice) on the
+// connection, and again on a new one when the call found the connection
+// dead: the first call after libvirtd went away is the one that finds out.
+func onConnection[T any](p *Provider, call func(*libvirt.Connect) (T, error)) (T, error) {
+	conn, err := p.connection()
+	if err != nil {
+		var zero T
+		return zero, err
+	}
+	v, err := call(conn)
+	if alive, aerr := conn.IsAlive(); err == nil || aerr != nil || alive {
+		return v, err
+	}
+	if conn, err = p.connection(); err != nil {
+		var zero T
+		return zero, err
+	}
+	return call(conn)
 }
 
 // URI returns the libvirt URI of the provider.
@@ -177,7 +224,7 @@ func (p *Provider) lookup(name string) (*libvirt.Domain, string, error) {
 	if err := snapshot.CheckInstanceName(name); err != nil {
 		return nil, "", err
 	}
-	dom, err := p.conn.LookupDomainByName(name)
+	dom, err := onConnection(p, func(c *libvirt.Connect) (*libvirt.Domain, error) { return c.LookupDomainByName(name) })
 	if err != nil {
 		return nil, "", wrap(err, fmt.Sprintf("instance %q", name))
 	}
@@ -328,7 +375,7 @@ func (info *domainInfo) instance() snapshot.Instance {
 // running or not, sorted by name. Domains whose names snapfs cannot show
 // as directories are left out.
 func (p *Provider) ListInstances(ctx context.Context) ([]snapshot.Instance, error) {
-	doms, err := p.conn.ListAllDomains(0)
+	doms, err := onConnection(p, func(c *libvirt.Connect) ([]libvirt.Domain, error) { return c.ListAllDomains(0) })
 	if err != nil {
 		return nil, wrap(err, "list domains")
 	}

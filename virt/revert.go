@@ -137,14 +137,18 @@ func (p *Provider) Revert(ctx context.Context, instance, name string) error {
 	if rec.Memory == "" {
 		return nil
 	}
-	dxml, err := p.conn.DomainSaveImageGetXMLDesc(rec.Memory, libvirt.DOMAIN_SAVE_IMAGE_XML_SECURE)
+	conn, err := p.connection()
+	if err != nil {
+		return err
+	}
+	dxml, err := conn.DomainSaveImageGetXMLDesc(rec.Memory, libvirt.DOMAIN_SAVE_IMAGE_XML_SECURE)
 	if err != nil {
 		return wrap(err, fmt.Sprintf("instance %q: revert: memory state %s", instance, rec.Memory))
 	}
 	if dxml, err = rewriteDiskSources(dxml, newSources); err != nil {
 		return fmt.Errorf("instance %q: revert: %w", instance, err)
 	}
-	if err := p.conn.DomainRestoreFlags(rec.Memory, dxml, libvirt.DOMAIN_SAVE_RUNNING); err != nil {
+	if err := conn.DomainRestoreFlags(rec.Memory, dxml, libvirt.DOMAIN_SAVE_RUNNING); err != nil {
 		return wrap(err, fmt.Sprintf("instance %q: revert: restore the memory state", instance))
 	}
 	return nil
@@ -201,7 +205,11 @@ func (p *Provider) defineSources(dom *libvirt.Domain, files map[string]diskFile)
 	if err != nil {
 		return err
 	}
-	nd, err := p.conn.DomainDefineXML(doc)
+	conn, err := p.connection()
+	if err != nil {
+		return err
+	}
+	nd, err := conn.DomainDefineXML(doc)
 	if err != nil {
 		return wrap(err, "define")
 	}
