@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path"
 	"syscall"
 	"time"
 
@@ -147,10 +148,11 @@ func (d *dir) Mkdir(ctx context.Context, name string, _ uint32, out *fuse.EntryO
 			return in, 0
 		}
 	}
-	if errors.Is(err, snapshot.ErrBusy) {
-		// mkdir can only say EBUSY, as rmdir (deleteWaiting): the log
-		// says why (qemu has a head open: stop the VM first).
-		d.fsys.log.Printf("snapfs: mkdir %s: %v", name, err)
+	if errors.Is(err, snapshot.ErrBusy) || errors.Is(err, snapshot.ErrUnsupported) {
+		// mkdir can only say EBUSY or ENOTSUP, as rmdir
+		// (deleteWaiting): the log says why (qemu has a head open:
+		// stop the VM first; no guest agent with --require-quiesce).
+		d.fsys.log.Printf("snapfs: mkdir %s: %v", path.Join(d.EmbeddedInode().Path(nil), name), err)
 	}
 	return nil, d.fsys.errno("mkdir "+name, err)
 }

@@ -54,7 +54,7 @@ func TestMkdirBusyLogged(t *testing.T) {
 	for _, dir := range []string{"volumes/v/snapshots", "instances/vm/snapshots"} {
 		mustFail(t, "mkdir "+dir+"/s1 while qemu has the head open", os.Mkdir(m.path(dir, "s1"), 0o755), syscall.EBUSY)
 	}
-	logged := lines(m.log.String(), "mkdir s1")
+	logged := lines(m.log.String(), "snapshots/s1: ")
 	if len(logged) != 2 || !strings.Contains(logged[0], "open in qemu") || !strings.Contains(logged[1], "open in qemu") {
 		t.Fatalf("the log does not say why mkdir failed: %q\n%s", logged, m.log.String())
 	}

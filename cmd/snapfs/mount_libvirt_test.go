@@ -84,6 +84,38 @@ func TestMountLibvirtTestDriver(t *testing.T) {
 	}
 }
 
+// TestMountLibvirtRefusalLogged: a snapshot the provider refuses for what
+// the instance cannot do gets ENOTSUP from mkdir, and the mount's log
+// says why (here a running domain whose RBD disk's pool is not mounted, on
+// libvirt's test driver): the errno alone does not.
+func TestMountLibvirtRefusalLogged(t *testing.T) {
+	node := filepath.Join(t.TempDir(), "node.xml")
+	if err := os.WriteFile(node, []byte(`<node>
+  <domain type='test'>
+    <name>rbdvm</name>
+    <memory>65536</memory>
+    <os><type>hvm</type></os>
+    <devices>
+      <disk type='network' device='disk'>
+        <driver name='qemu' type='raw'/>
+        <source protocol='rbd' name='nopool/root'><host name='127.0.0.1'/></source>
+        <target dev='vda' bus='virtio'/>
+      </disk>
+    </devices>
+  </domain>
+</node>`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	mnt := filepath.Join(t.TempDir(), "mnt")
+	m := startMount(t, t.TempDir(), mnt, "--libvirt", "test://"+node)
+	if err := os.Mkdir(filepath.Join(mnt, "instances/rbdvm/snapshots/s1"), 0o755); !errors.Is(err, syscall.ENOTSUP) {
+		t.Fatalf("mkdir on a domain whose RBD pool is not mounted: %v, want ENOTSUP", err)
+	}
+	if !m.waitOutput("mkdir instances/rbdvm/snapshots/s1: ") || !strings.Contains(m.output(), "nopool") {
+		t.Errorf("the mount did not log why the snapshot was refused:\n%s", m.output())
+	}
+}
+
 // startLibvirt builds the test guest (once: it is kept) and starts a
 // private libvirtd with the project's scripts, stopped when the test ends.
 // It returns the daemon's URI and the guest's directory.
