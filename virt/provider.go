@@ -98,8 +98,9 @@ type ExternalHeads interface {
 // libvirt connection are the instances. It is safe for concurrent use.
 type Provider struct {
 	cfg     Config
-	connMu  sync.Mutex       // protects conn
+	connMu  sync.Mutex       // protects conn, dialing
 	conn    *libvirt.Connect // use connection(), which replaces a dead one
+	dialing chan dialResult  // a connection attempt still under way (dial.go)
 	records recordStore
 
 	locksMu sync.Mutex // protects locks
@@ -146,9 +147,9 @@ func Open(cfg Config) (*Provider, error) {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("virt: state directory: %w", err)
 	}
-	conn, err := libvirt.NewConnect(cfg.URI)
+	conn, _, err := dial(cfg.URI, nil)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %s: %w", ErrUnavailable, cfg.URI, err)
+		return nil, err
 	}
 	return &Provider{
 		cfg: cfg, conn: conn, records: recordStore{dir: cfg.StateDir},
@@ -168,6 +169,15 @@ func (p *Provider) Close() error {
 	p.bg.Wait()
 	p.connMu.Lock()
 	defer p.connMu.Unlock()
+	if pending := p.dialing; pending != nil {
+		// A dial to a daemon that did not answer: close what it
+		// brings, if it ever ends.
+		go func() {
+			if r := <-pending; r.conn != nil {
+				r.conn.Close()
+			}
+		}()
+	}
 	_, err := p.conn.Close()
 	return err
 }
@@ -184,9 +194,10 @@ func (p *Provider) connection() (*libvirt.Connect, error) {
 	if alive, err := p.conn.IsAlive(); err == nil && alive {
 		return p.conn, nil
 	}
-	conn, err := libvirt.NewConnect(p.cfg.URI)
+	conn, pending, err := dial(p.cfg.URI, p.dialing)
+	p.dialing = pending
 	if err != nil {
-		return nil, fmt.Errorf("%w: %s: %w", ErrUnavailable, p.cfg.URI, err)
+		return nil, err
 	}
 	// Domains looked up on the old connection hold their own references
 	// to it: closing ours frees it once they are freed.
