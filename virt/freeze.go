@@ -121,7 +121,7 @@ func (f *frozen) expire() {
 	f.mu.Unlock()
 	f.p.cfg.Logf("virt: instance %q: the freeze window of %v ran out; thawing", f.name, f.p.cfg.FreezeTimeout)
 	if err := f.thawRetry(context.Background(), true); err != nil {
-		f.p.cfg.Logf("virt: %v", err)
+		f.p.cfg.Logf("%v", err) // ErrThaw says "virt: " already
 	}
 }
 
