@@ -3,6 +3,7 @@ package snapshot
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -363,4 +364,49 @@ func TestCrashThenDeleteBelow(t *testing.T) {
 	}
 	sameState(t, capture(t, s, "vm"), before, "s1", "s2")
 	checkNoStrayFiles(t, s)
+}
+
+// An instance snapshot delete killed half-way, seen by a store opened
+// before the kill (a mount): the disk snapshot left over cannot be
+// deleted as its instance snapshot's (that one is hidden once marked), so
+// deleting it finishes the instance snapshot's delete, instead of failing
+// with ErrBusy until the next open.
+func TestCrashInstanceDeleteSeenLive(t *testing.T) {
+	ctx := context.Background()
+	fixture, src := crashFixture(t, true)
+	doneDir := copyDir(t, fixture)
+	runChild(t, "instance-delete", doneDir, src, "")
+	after := captureStore(t, reopen(t, doneDir), true)
+
+	dir := copyDir(t, fixture)
+	live := reopen(t, dir)
+	defer live.Close()
+	// Killed once vda's snapshot is deleted, before vdb's.
+	runChild(t, "instance-delete", dir, src, PauseDeleteCommitted)
+	if _, err := live.Snapshot(ctx, "vm", "isnap"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("vm@isnap after the kill: %v, want ErrNotFound", err)
+	}
+	if _, err := live.Snapshot(ctx, "other", "isnap"); err != nil {
+		t.Fatalf("other@isnap after the kill: %v (the kill came too late to test anything)", err)
+	}
+	if _, err := live.InstanceSnapshot(ctx, "inst", "isnap"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("inst@isnap after the kill: %v, want ErrNotFound (hidden)", err)
+	}
+	if err := live.DeleteSnapshot(ctx, "other", "isnap"); err != nil {
+		t.Fatalf("deleting the disk snapshot left over: %v", err)
+	}
+	if diff := equalStores(captureStore(t, live, false), after); diff != "" {
+		t.Errorf("the store does not read as after the instance snapshot delete: %s", diff)
+	}
+	m, err := live.load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if i := m.Instances["inst"].findRecord("isnap"); i >= 0 {
+		t.Errorf("the record of inst@isnap is still there: %+v", m.Instances["inst"].Snapshots[i])
+	}
+	// The killed child's layer file is an orphan until the next open.
+	s := reopen(t, dir)
+	checkNoStrayFiles(t, s)
+	s.Close()
 }

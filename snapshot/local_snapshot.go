@@ -208,10 +208,39 @@ func (c Consistency) check() error {
 // snapshot and the head read exactly as before, and images opened before
 // keep reading the old files. It costs a copy of the child and the deleted
 // layer's data. ErrBusy while clones read through the snapshot, while it
-// belongs to an instance snapshot (delete that instead), or when the child
-// is the head and qemu has it open.
+// belongs to an instance snapshot (delete that instead; but when that
+// one's delete was cut short, which hides it, this finishes it), or when
+// the child is the head and qemu has it open.
 func (s *LocalStore) DeleteSnapshot(ctx context.Context, volume, name string) error {
-	return s.deleteSnapshot(ctx, volume, name, "")
+	err := s.deleteSnapshot(ctx, volume, name, "")
+	if errors.Is(err, ErrBusy) {
+		// A disk snapshot left by an instance snapshot delete that
+		// another process started and did not finish (killed): the
+		// instance snapshot is hidden, so "delete that instead" cannot
+		// be followed, and only the next OpenLocal would finish it.
+		// Finish it here instead.
+		if inst := s.deletingOwner(volume, name); inst != "" {
+			return s.finishInstanceSnapshotDelete(ctx, inst, name)
+		}
+	}
+	return err
+}
+
+// deletingOwner returns the instance whose snapshot, marked for deletion,
+// holds snapshot name of volume ("" for none).
+func (s *LocalStore) deletingOwner(volume, name string) string {
+	m, err := s.load()
+	if err != nil {
+		return ""
+	}
+	v, i, err := m.snapshotLayer(volume, name)
+	if err != nil {
+		return ""
+	}
+	if sm := v.Layers[i].Snapshot; sm.Instance != "" && m.instanceSnapshotDeleting(sm.Instance, sm.Name) {
+		return sm.Instance
+	}
+	return ""
 }
 
 // deleteSnapshot is DeleteSnapshot on behalf of owner, the instance whose
