@@ -104,6 +104,8 @@ func testMount(t testing.TB, store *snapshot.LocalStore, configure ...func(*Conf
 		UID:       uint32(os.Getuid()),
 		GID:       uint32(os.Getgid()),
 		Logger:    log.New(tl, "", 0),
+		// The test opens files of the mount it serves.
+		SelfAccess: true,
 	}
 	for _, c := range configure {
 		c(&cfg)
@@ -259,3 +261,41 @@ type diskT = snapshot.Disk
 
 // snapshotOptions are the options of snapshots the tests take directly.
 func snapshotOptions() snapshot.SnapshotOptions { return snapshot.SnapshotOptions{} }
+
+// TestMountPollHack: Mount opens a file of its own mount (go-fuse's poll
+// hack) only with Config.SelfAccess. snapfs mount never reads its own
+// files, and a SIGKILL landing inside the hack hangs the mount point for
+// good (the killed thread waits for an answer only its own process could
+// give).
+func TestMountPollHack(t *testing.T) {
+	store := newStore(t)
+	for _, self := range []bool{true, false} {
+		var requests bytes.Buffer
+		m := testMount(t, store, func(c *Config) {
+			c.SelfAccess = self
+			c.Debug = true
+			c.Logger = log.New(&syncWriter{w: &requests}, "", 0)
+		})
+		// Another process reads the mount: it serves.
+		if out, err := exec.Command("ls", m.path("volumes")).CombinedOutput(); err != nil {
+			t.Fatalf("ls of the mount, SelfAccess %v: %v: %s", self, err, out)
+		}
+		m.srv.Unmount()
+		m.srv.Wait()
+		if got := strings.Contains(requests.String(), ".go-fuse-epoll-hack"); got != self {
+			t.Errorf("SelfAccess %v: the mount looked up its poll hack file: %v", self, got)
+		}
+	}
+}
+
+// syncWriter serialises the writes of the FUSE server's goroutines.
+type syncWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (s *syncWriter) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.w.Write(p)
+}

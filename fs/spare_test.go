@@ -87,7 +87,7 @@ func TestStatThenOpenOpensOnce(t *testing.T) {
 	// Stat, then unmount: Wait closes what waits, before the caller
 	// closes the backend.
 	dir := t.TempDir()
-	srv, err := Mount(dir, Config{Backend: b, UID: uint32(os.Getuid()), GID: uint32(os.Getgid())})
+	srv, err := Mount(dir, Config{Backend: b, UID: uint32(os.Getuid()), GID: uint32(os.Getgid()), SelfAccess: true})
 	if err != nil {
 		t.Fatal(err)
 	}
