@@ -132,8 +132,11 @@ const rbdNode = `<node>
   </domain>
 </node>`
 
-func TestRBDDisksThroughPoolBackend(t *testing.T) {
-	node := filepath.Join(t.TempDir(), "node.xml")
+// rbdNodeFixture writes rbdNode for the test driver and opens a store
+// holding its pool's volumes, root and data.
+func rbdNodeFixture(t *testing.T) (node string, store *snapshot.LocalStore) {
+	t.Helper()
+	node = filepath.Join(t.TempDir(), "node.xml")
 	if err := os.WriteFile(node, []byte(rbdNode), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -142,12 +145,17 @@ func TestRBDDisksThroughPoolBackend(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { store.Close() })
-	ctx := testCtx(t)
 	for _, v := range []string{"root", "data"} {
-		if _, err := store.CreateVolume(ctx, v, 1<<20); err != nil {
+		if _, err := store.CreateVolume(testCtx(t), v, 1<<20); err != nil {
 			t.Fatal(err)
 		}
 	}
+	return node, store
+}
+
+func TestRBDDisksThroughPoolBackend(t *testing.T) {
+	node, store := rbdNodeFixture(t)
+	ctx := testCtx(t)
 	uri := "test://" + node
 
 	// Without the pool: listed, not snapshotted.
@@ -214,21 +222,8 @@ func TestRBDDisksThroughPoolBackend(t *testing.T) {
 // its snapshot is taken, crash-consistent, and kept, and the domain is
 // left in the state it was in.
 func TestRequireQuiesceStoppedDomain(t *testing.T) {
-	node := filepath.Join(t.TempDir(), "node.xml")
-	if err := os.WriteFile(node, []byte(rbdNode), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	store, err := snapshot.OpenLocal(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { store.Close() })
+	node, store := rbdNodeFixture(t)
 	ctx := testCtx(t)
-	for _, v := range []string{"root", "data"} {
-		if _, err := store.CreateVolume(ctx, v, 1<<20); err != nil {
-			t.Fatal(err)
-		}
-	}
 	p := testDriver(t, Config{RequireQuiesce: true, Pools: func(pool string) (snapshot.Backend, bool) {
 		return store, pool == "pool1"
 	}}, "test://"+node)
