@@ -307,12 +307,16 @@ func (f *importFile) Getattr(ctx context.Context, _ fusefs.FileHandle, out *fuse
 // O_TRUNC while another writer has the file open is refused (EBUSY): it
 // is a second cp to the same name, whose image would be mixed with the
 // first one's and imported as neither, with both cps reporting success.
-func (f *importFile) Setattr(ctx context.Context, _ fusefs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+func (f *importFile) Setattr(ctx context.Context, fh fusefs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
 	if size, ok := in.GetSize(); ok {
 		f.mu.Lock()
 		err := f.writable()
 		if err == nil && size == 0 && f.writers > 1 {
 			err = fmt.Errorf("%w: %s is being written by another writer", snapshot.ErrBusy, f.path())
+			if h, ok := fh.(*importHandle); ok && h.write && !h.refused && f.folder == nil {
+				h.refused = true
+				f.writers--
+			}
 		}
 		if err == nil {
 			err = f.staged.Truncate(int64(size))
@@ -420,8 +424,12 @@ var errNothingWritten = errors.New("nothing was written")
 // release drops a writer; the last one imports what no flush did (the
 // flushes came while another writer was open), or drops an empty file.
 // Its errors can only be logged.
-func (f *importFile) release() {
+func (f *importFile) release(h *importHandle) {
 	f.mu.Lock()
+	if h.refused {
+		f.mu.Unlock()
+		return // counted out already
+	}
 	f.writers--
 	if f.writers > 0 || f.done || f.importing != nil {
 		f.mu.Unlock()
@@ -541,7 +549,13 @@ func (f *importFile) dropStaged() {
 // importHandle is an open import/NAME.
 type importHandle struct {
 	f     *importFile
-	write bool // opened for writing: counts in f.writers
+	write bool // opened for writing: counts in f.writers, unless refused
+	// refused is set, under f.mu, when the truncation that opened this
+	// handle (a second cp's O_TRUNC) was refused because another writer
+	// has the file: that open fails, and it no longer counts as a writer
+	// at once, since its release may come after the first writer's
+	// close, whose import must not wait for it.
+	refused bool
 }
 
 var (
@@ -558,7 +572,11 @@ func (h *importHandle) Write(_ context.Context, data []byte, off int64) (uint32,
 	f := h.f
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if err := f.writable(); err != nil {
+	err := f.writable()
+	if err == nil && h.refused {
+		err = fmt.Errorf("%w: %s is being written by another writer", snapshot.ErrBusy, f.path())
+	}
+	if err != nil {
 		return 0, f.fsys.errno("write "+f.path(), err)
 	}
 	n, err := f.staged.WriteAt(data, off)
@@ -608,7 +626,7 @@ func (h *importHandle) Fsync(context.Context, uint32) syscall.Errno {
 // Release implements [fusefs.FileReleaser].
 func (h *importHandle) Release(context.Context) syscall.Errno {
 	if h.write {
-		h.f.release()
+		h.f.release(h)
 	}
 	return 0
 }
