@@ -237,12 +237,13 @@ type importFile struct {
 	// mu protects the fields below. It is held during the import itself,
 	// so that no write slips in while the image is read.
 	mu      sync.Mutex
-	staged  *stagedFile // nil once finished
-	size    int64       // of the file when it finished
-	writers int         // open handles that may write
-	dirty   bool        // written or truncated since create
-	done    bool        // imported, failed or abandoned: no more writes
-	result  error       // of the import, once done
+	staged  *stagedFile   // nil once finished
+	size    int64         // of the file when it finished
+	writers int           // open handles that may write
+	opening *importHandle // the writer opened last (Setattr's O_TRUNC)
+	dirty   bool          // written or truncated since create
+	done    bool          // imported, failed or abandoned: no more writes
+	result  error         // of the import, once done
 	// importing is closed when the import in progress ends; nil when
 	// none is.
 	importing chan struct{}
@@ -307,15 +308,17 @@ func (f *importFile) Getattr(ctx context.Context, _ fusefs.FileHandle, out *fuse
 // O_TRUNC while another writer has the file open is refused (EBUSY): it
 // is a second cp to the same name, whose image would be mixed with the
 // first one's and imported as neither, with both cps reporting success.
-func (f *importFile) Setattr(ctx context.Context, fh fusefs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
+func (f *importFile) Setattr(ctx context.Context, _ fusefs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
 	if size, ok := in.GetSize(); ok {
 		f.mu.Lock()
 		err := f.writable()
 		if err == nil && size == 0 && f.writers > 1 {
 			err = fmt.Errorf("%w: %s is being written by another writer", snapshot.ErrBusy, f.path())
-			if h, ok := fh.(*importHandle); ok && h.write && !h.refused && f.folder == nil {
-				h.refused = true
-				f.writers--
+			if h := f.opening; h != nil && !h.refused && f.folder == nil {
+				if caller, ok := fuse.FromContext(ctx); ok && caller.Pid == h.opener {
+					h.refused = true
+					f.writers--
+				}
 			}
 		}
 		if err == nil {
@@ -356,7 +359,16 @@ func (f *importFile) Open(ctx context.Context, flags uint32) (fusefs.FileHandle,
 		}
 		f.writers++
 	}
-	return &importHandle{f: f, write: write}, fuse.FOPEN_DIRECT_IO, 0
+	h := &importHandle{f: f, write: write}
+	if write {
+		// The kernel sends an O_TRUNC as a SETATTR of its own, without
+		// the handle: Setattr finds it by its opener.
+		if caller, ok := fuse.FromContext(ctx); ok {
+			h.opener = caller.Pid
+		}
+		f.opening = h
+	}
+	return h, fuse.FOPEN_DIRECT_IO, 0
 }
 
 // path is the file's path in the mount, for messages.
@@ -550,11 +562,13 @@ func (f *importFile) dropStaged() {
 type importHandle struct {
 	f     *importFile
 	write bool // opened for writing: counts in f.writers, unless refused
-	// refused is set, under f.mu, when the truncation that opened this
-	// handle (a second cp's O_TRUNC) was refused because another writer
-	// has the file: that open fails, and it no longer counts as a writer
-	// at once, since its release may come after the first writer's
-	// close, whose import must not wait for it.
+	// opener is the thread that opened the handle (the FUSE caller).
+	opener uint32
+	// refused is set, under f.mu, when the truncation of the open that
+	// made this handle (a second cp's O_TRUNC) was refused because
+	// another writer has the file: that open fails, and the handle no
+	// longer counts as a writer at once, since its release may come
+	// after the first writer's close, whose import must not wait for it.
 	refused bool
 }
 
